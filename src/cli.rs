@@ -1,0 +1,239 @@
+//! The command line: subcommands and flags, each flag documented once in [`FLAGS`], readable from its
+//! environment variable, and shown by `--help`.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+/// One flag: its name, the environment variable that stands in for it, its default and its help line.
+pub struct Flag {
+    pub name: &'static str,
+    /// `None` for a switch that takes no value.
+    pub value: Option<&'static str>,
+    pub default: &'static str,
+    pub help: &'static str,
+    /// Whether it may be given more than once.
+    pub repeats: bool,
+}
+
+impl Flag {
+    pub fn env(&self) -> String {
+        format!(
+            "EMBEDDING_SERVER_{}",
+            self.name.to_ascii_uppercase().replace('-', "_")
+        )
+    }
+}
+
+const fn flag(
+    name: &'static str,
+    value: &'static str,
+    default: &'static str,
+    help: &'static str,
+) -> Flag {
+    Flag {
+        name,
+        value: Some(value),
+        default,
+        help,
+        repeats: false,
+    }
+}
+
+/// Every flag of every subcommand.
+pub const FLAGS: &[Flag] = &[
+    flag("host", "ADDR", "127.0.0.1", "address to listen on (0.0.0.0 for every interface)"),
+    flag("port", "PORT", "5000", "port to listen on; 0 picks a free one (the address is printed)"),
+    flag("threads", "N", "16", "HTTP worker threads (requests handled at once; they wait on the batching queue)"),
+    Flag {
+        name: "model",
+        value: Some("NAME"),
+        default: "",
+        help: "load this model (repeatable; env: comma-separated); default: every model the source has",
+        repeats: true,
+    },
+    flag("model-dir", "DIR", "", "load models from DIR/<model>/ (the layout export-models writes), not the embedded copy"),
+    flag("max-body-bytes", "BYTES", "2097152", "largest request body; larger gets 413"),
+    flag("max-inputs", "N", "2048", "most inputs in one request; more gets 400"),
+    flag("max-request-tokens", "N", "300000", "most tokens in one request, summed after truncation; more gets 400"),
+    flag("max-batch-tokens", "N", "16384", "token budget of one batch the engine runs (padded length × inputs)"),
+    flag("queue-capacity", "N", "16384", "most inputs waiting for the engine; a request that would exceed it gets 429"),
+    flag("request-timeout", "SECONDS", "60", "a request still waiting for the engine after this long gets 503"),
+    Flag {
+        name: "no-truncate",
+        value: None,
+        default: "",
+        help: "refuse (400) inputs longer than the model's maximum instead of truncating them",
+        repeats: false,
+    },
+    flag("format", "FORMAT", "json", "embed: output format, json (JSON lines) or f32 (raw little-endian floats)"),
+];
+
+pub const USAGE: &str = "\
+embedding-server: sentence embeddings over HTTP, models compiled in
+
+USAGE:
+    embedding-server [serve] [FLAGS]            serve the HTTP API (the default)
+    embedding-server models                     list the embedded models
+    embedding-server export-models DIR [--model NAME]...
+                                                write the embedded model files to DIR/<model>/, verified
+    embedding-server embed [--model NAME] [--model-dir DIR] [TEXT]...
+                                                print the embeddings of TEXTs (or of stdin lines) as JSON lines
+    embedding-server --help | --version
+";
+
+pub fn help() -> String {
+    let mut text = format!(
+        "{USAGE}\nFLAGS (each also read from the environment variable shown; the flag wins):\n"
+    );
+    for flag in FLAGS {
+        let name = match flag.value {
+            Some(value) => format!("--{} {value}", flag.name),
+            None => format!("--{}", flag.name),
+        };
+        let default = if flag.default.is_empty() {
+            String::new()
+        } else {
+            format!(" [default: {}]", flag.default)
+        };
+        text.push_str(&format!(
+            "    {name:<28} {}{default}\n    {:<28} env: {}\n",
+            flag.help,
+            "",
+            flag.env()
+        ));
+    }
+    text.push_str(&format!("    {:<28} print this help\n    {:<28} print the version and the embedded model revisions\n", "-h, --help", "-V, --version"));
+    text
+}
+
+/// What the command line asks for.
+pub enum Command {
+    Serve(Options),
+    Models,
+    Export {
+        dir: PathBuf,
+        options: Options,
+    },
+    Embed {
+        texts: Vec<String>,
+        options: Options,
+    },
+    Help,
+    Version,
+}
+
+/// The flags given, with the environment and the defaults filled in.
+pub struct Options {
+    values: HashMap<&'static str, Vec<String>>,
+}
+
+impl Options {
+    fn resolve(given: HashMap<&'static str, Vec<String>>) -> Options {
+        let mut values = HashMap::new();
+        for flag in FLAGS {
+            let value = match given.get(flag.name) {
+                Some(v) => v.clone(),
+                None => match std::env::var(flag.env()) {
+                    Ok(env) if flag.repeats => env
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(String::from)
+                        .collect(),
+                    Ok(env) => vec![env],
+                    Err(_) if flag.default.is_empty() => vec![],
+                    Err(_) => vec![flag.default.to_string()],
+                },
+            };
+            values.insert(flag.name, value);
+        }
+        Options { values }
+    }
+
+    pub fn text(&self, name: &str) -> Option<&str> {
+        self.values
+            .get(name)
+            .and_then(|v| v.last())
+            .map(String::as_str)
+            .filter(|s| !s.is_empty())
+    }
+
+    pub fn list(&self, name: &str) -> &[String] {
+        self.values.get(name).map_or(&[], Vec::as_slice)
+    }
+
+    pub fn switch(&self, name: &str) -> bool {
+        matches!(self.text(name), Some(v) if v != "0" && v != "false")
+    }
+
+    /// A numeric flag; the error names the flag and its environment variable.
+    pub fn number<T: std::str::FromStr>(&self, name: &str) -> Result<T, String> {
+        let raw = self.text(name).unwrap_or("");
+        raw.parse().map_err(|_| {
+            let env = FLAGS
+                .iter()
+                .find(|f| f.name == name)
+                .map(Flag::env)
+                .unwrap_or_default();
+            format!("--{name} (or {env}) must be a number, not {raw:?}")
+        })
+    }
+}
+
+pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
+    use lexopt::prelude::*;
+    let mut parser = lexopt::Parser::from_args(args);
+    let mut subcommand: Option<String> = None;
+    let mut positional: Vec<String> = Vec::new();
+    let mut given: HashMap<&'static str, Vec<String>> = HashMap::new();
+    while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
+        match arg {
+            Short('h') | Long("help") => return Ok(Command::Help),
+            Short('V') | Long("version") => return Ok(Command::Version),
+            Long(name) => {
+                let flag = FLAGS
+                    .iter()
+                    .find(|f| f.name == name)
+                    .ok_or_else(|| format!("unknown flag --{name}; see embedding-server --help"))?;
+                let value = match flag.value {
+                    Some(_) => parser
+                        .value()
+                        .map_err(|e| e.to_string())?
+                        .string()
+                        .map_err(|e| e.to_string())?,
+                    None => "1".to_string(),
+                };
+                given.entry(flag.name).or_default().push(value);
+            }
+            Value(value) => {
+                let value = value.string().map_err(|e| e.to_string())?;
+                if subcommand.is_none() && positional.is_empty() {
+                    subcommand = Some(value);
+                } else {
+                    positional.push(value);
+                }
+            }
+            other => {
+                return Err(format!(
+                    "{}; see embedding-server --help",
+                    other.unexpected()
+                ))
+            }
+        }
+    }
+    let options = Options::resolve(given);
+    match subcommand.as_deref() {
+        None | Some("serve") if positional.is_empty() => Ok(Command::Serve(options)),
+        Some("models") if positional.is_empty() => Ok(Command::Models),
+        Some("export-models") => match positional.as_slice() {
+            [dir] => Ok(Command::Export { dir: PathBuf::from(dir), options }),
+            _ => Err("export-models takes one directory: embedding-server export-models DIR".into()),
+        },
+        Some("embed") => Ok(Command::Embed { texts: positional, options }),
+        Some(other) if positional.is_empty() => {
+            Err(format!("unknown subcommand {other:?}; the subcommands are serve, models, export-models and embed"))
+        }
+        _ => Err(format!("unexpected argument {:?}; see embedding-server --help", positional[0])),
+    }
+}

@@ -1,0 +1,168 @@
+//! The subcommands besides `serve`: `models`, `export-models` and `embed`, and the model loading they
+//! share with `serve`.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use crate::cli::Options;
+use crate::models::{self, Input, Model, Source, CATALOG};
+
+/// Where `--model-dir` (or its absence) says the models come from.
+pub fn source(options: &Options) -> Source {
+    match options.text("model-dir") {
+        Some(dir) => Source::Dir(PathBuf::from(dir)),
+        None => Source::Embedded,
+    }
+}
+
+/// Loads the models `--model` names, or every model the source has.
+pub fn load_models(options: &Options) -> Result<Vec<Model>, String> {
+    let source = source(options);
+    let available: Vec<&str> = CATALOG
+        .iter()
+        .filter(|s| source.has(s))
+        .map(|s| s.name)
+        .collect();
+    let wanted: Vec<&str> = match options.list("model") {
+        [] => available.clone(),
+        names => names.iter().map(String::as_str).collect(),
+    };
+    if wanted.is_empty() {
+        return Err(match &source {
+            Source::Embedded => "this binary embeds no model; load one with --model-dir DIR".into(),
+            Source::Dir(dir) => format!(
+                "{} holds no model directory; expected DIR/<model>/config.json for one of: {}",
+                dir.display(),
+                CATALOG
+                    .iter()
+                    .map(|s| s.name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        });
+    }
+    let mut models = Vec::new();
+    for name in wanted {
+        let spec = models::catalog::find(name)
+            .filter(|s| source.has(s))
+            .ok_or_else(|| {
+                format!(
+                    "unknown model {name:?}; available here: {}",
+                    available.join(", ")
+                )
+            })?;
+        let started = Instant::now();
+        let model = Model::load(spec, &source).map_err(|e| format!("cannot load {name}: {e}"))?;
+        eprintln!(
+            "loaded {name} in {:.0} ms",
+            started.elapsed().as_secs_f64() * 1000.0
+        );
+        models.push(model);
+    }
+    Ok(models)
+}
+
+/// `embedding-server models`
+pub fn list_models() {
+    println!(
+        "{:<24} {:>5} {:>10} {:>12}  {:<8}  sha256 of model.safetensors",
+        "MODEL", "DIMS", "MAX TOKENS", "EMBEDDED", "ARCH"
+    );
+    for spec in CATALOG {
+        let size = if spec.embedded {
+            format!("{} B", models::embedded_size(spec))
+        } else {
+            "no".to_string()
+        };
+        let weights = spec
+            .files
+            .iter()
+            .find(|f| f.name == "model.safetensors")
+            .map_or("", |f| f.sha256);
+        println!(
+            "{:<24} {:>5} {:>10} {:>12}  {:<8}  {}",
+            spec.name,
+            spec.dims,
+            spec.max_tokens,
+            size,
+            format!("{:?}", spec.architecture),
+            if weights.is_empty() {
+                "(not pinned)"
+            } else {
+                weights
+            }
+        );
+    }
+}
+
+/// `embedding-server export-models DIR`
+pub fn export_models(dir: &std::path::Path, options: &Options) -> Result<(), String> {
+    let wanted = options.list("model");
+    let mut exported = 0;
+    for spec in CATALOG.iter().filter(|s| s.embedded) {
+        if !wanted.is_empty() && !wanted.iter().any(|w| w == spec.name) {
+            continue;
+        }
+        for path in models::export(spec, &Source::Embedded, dir).map_err(|e| e.to_string())? {
+            println!("{}", path.display());
+        }
+        exported += 1;
+    }
+    if exported == 0 {
+        return Err("no embedded model matches --model".into());
+    }
+    Ok(())
+}
+
+/// `embedding-server embed [TEXT]...`: JSON lines (or raw f32) on stdout, one per text.
+pub fn embed(texts: Vec<String>, options: &Options) -> Result<(), String> {
+    let format = options.text("format").unwrap_or("json");
+    if format != "json" && format != "f32" {
+        return Err(format!("--format must be json or f32, not {format:?}"));
+    }
+    let model = load_models(options)?
+        .into_iter()
+        .next()
+        .ok_or("no model loaded")?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut emit = |batch: &[String]| -> Result<(), String> {
+        let inputs: Vec<Input> = batch.iter().map(|t| Input::Text(t.clone())).collect();
+        let vectors = model.embed(&inputs).map_err(|e| e.to_string())?;
+        for vector in vectors {
+            if format == "f32" {
+                let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
+                out.write_all(&bytes).map_err(|e| e.to_string())?;
+            } else {
+                let line = serde_json::json!({"model": model.spec.name, "dims": vector.len(), "embedding": vector});
+                writeln!(out, "{line}").map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(())
+    };
+    if !texts.is_empty() {
+        emit(&texts)?;
+    } else {
+        let stdin = std::io::stdin();
+        let progress = std::io::stderr().is_terminal();
+        let mut batch = Vec::new();
+        let mut done = 0usize;
+        for line in stdin.lock().lines() {
+            batch.push(line.map_err(|e| format!("cannot read stdin: {e}"))?);
+            if batch.len() == 64 {
+                emit(&batch)?;
+                done += batch.len();
+                batch.clear();
+                if progress {
+                    eprint!("\rembedded {done} lines");
+                }
+            }
+        }
+        emit(&batch)?;
+        if progress && done > 0 {
+            eprintln!("\rembedded {} lines", done + batch.len());
+        }
+    }
+    out.flush().map_err(|e| e.to_string())
+}

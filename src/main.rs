@@ -1,0 +1,38 @@
+//! embedding-server: sentence embeddings over HTTP from one self-contained binary.
+
+mod cli;
+mod commands;
+mod models;
+mod server;
+
+use cli::Command;
+
+fn main() {
+    let result = match cli::parse(std::env::args_os().skip(1)) {
+        Ok(Command::Help) => {
+            print!("{}", cli::help());
+            Ok(())
+        }
+        Ok(Command::Version) => {
+            println!("embedding-server {}", env!("CARGO_PKG_VERSION"));
+            for spec in models::CATALOG.iter().filter(|s| s.embedded) {
+                println!("  {} = {}@{}", spec.name, spec.hub_repo, spec.hub_revision);
+            }
+            Ok(())
+        }
+        Ok(Command::Models) => {
+            commands::list_models();
+            Ok(())
+        }
+        Ok(Command::Export { dir, options }) => commands::export_models(&dir, &options),
+        Ok(Command::Embed { texts, options }) => commands::embed(texts, &options),
+        Ok(Command::Serve(options)) => {
+            commands::load_models(&options).and_then(|models| server::serve(&options, models))
+        }
+        Err(message) => Err(message),
+    };
+    if let Err(message) = result {
+        eprintln!("embedding-server: {message}");
+        std::process::exit(2);
+    }
+}

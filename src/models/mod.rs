@@ -1,0 +1,263 @@
+//! Models: the catalog, loading (from the embedded copy or a directory), tokenisation, the architectures and
+//! pooling. The server reaches models only through [`Model`]; nothing here knows of HTTP.
+
+mod bert;
+pub mod catalog;
+mod embedded;
+mod pooling;
+mod tokenize;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use catalog::Architecture;
+pub use catalog::{ModelSpec, CATALOG};
+use tokenize::TextTokenizer;
+
+/// What went wrong, and whose fault it was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The input cannot be embedded (e.g. a token id outside the vocabulary); the caller should say so.
+    InvalidInput,
+    /// The model's files are missing or do not fit together.
+    Load,
+    /// A failure inside the engine.
+    Internal,
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl ModelError {
+    pub fn new(message: impl Into<String>) -> ModelError {
+        ModelError {
+            kind: ErrorKind::Load,
+            message: message.into(),
+        }
+    }
+
+    pub fn invalid(message: impl Into<String>) -> ModelError {
+        ModelError {
+            kind: ErrorKind::InvalidInput,
+            message: message.into(),
+        }
+    }
+
+    pub fn internal(error: impl fmt::Display) -> ModelError {
+        ModelError {
+            kind: ErrorKind::Internal,
+            message: error.to_string(),
+        }
+    }
+}
+
+impl fmt::Display for ModelError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ModelError {}
+
+/// One input as a client sends it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    Text(String),
+    /// Token ids fed to the model exactly as given (special tokens included if the client wants them).
+    Ids(Vec<u32>),
+}
+
+/// An input ready for the encoder.
+#[derive(Debug, Clone)]
+pub struct Tokens {
+    /// At most the model's maximum, special tokens included.
+    pub ids: Vec<u32>,
+    /// How many tokens the input had before truncation.
+    pub untruncated: usize,
+}
+
+/// An architecture: token ids in, one pooled (not yet normalised) vector per sequence out.
+pub trait Encoder: Send + Sync {
+    /// The longest sequence the weights can position.
+    fn max_positions(&self) -> usize;
+    fn vocab_size(&self) -> usize;
+    /// Pooled final states, in the order of `batch`. Sequences may differ in length.
+    fn encode(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, ModelError>;
+}
+
+/// Where a model's files come from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// The copy compiled into this binary.
+    Embedded,
+    /// `DIR/<model name>/<file>`, the layout `export-models` writes.
+    Dir(PathBuf),
+}
+
+impl Source {
+    /// The verified bytes of one file of `spec`.
+    pub fn read(&self, spec: &ModelSpec, file: &str) -> Result<Vec<u8>, ModelError> {
+        let bytes = match self {
+            Source::Embedded => embedded::read(spec, file)?,
+            Source::Dir(dir) => {
+                let path = dir.join(spec.name).join(file);
+                std::fs::read(&path)
+                    .map_err(|e| ModelError::new(format!("cannot read {}: {e}", path.display())))?
+            }
+        };
+        let pinned = spec
+            .files
+            .iter()
+            .find(|f| f.name == file)
+            .map_or("", |f| f.sha256);
+        if !pinned.is_empty() {
+            let actual = sha256_hex(&bytes);
+            if actual != pinned {
+                return Err(ModelError::new(format!(
+                    "{}/{file} has sha256 {actual}, but the catalog pins {pinned}: these are not the files of {}@{}",
+                    spec.name, spec.hub_repo, spec.hub_revision
+                )));
+            }
+        }
+        Ok(bytes)
+    }
+
+    /// Whether this source has the files of `spec` at all.
+    pub fn has(&self, spec: &ModelSpec) -> bool {
+        match self {
+            Source::Embedded => spec.embedded,
+            Source::Dir(dir) => dir.join(spec.name).join("config.json").is_file(),
+        }
+    }
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The compressed size of the files of `spec` inside this binary.
+pub fn embedded_size(spec: &ModelSpec) -> u64 {
+    embedded::compressed_size(spec)
+}
+
+/// A loaded model: tokenizer, weights and the catalog's promises.
+pub struct Model {
+    pub spec: &'static ModelSpec,
+    tokenizer: TextTokenizer,
+    encoder: Box<dyn Encoder>,
+    max_tokens: usize,
+}
+
+impl Model {
+    pub fn load(spec: &'static ModelSpec, source: &Source) -> Result<Model, ModelError> {
+        let config = source.read(spec, "config.json")?;
+        let config: serde_json::Value = serde_json::from_slice(&config).map_err(|e| {
+            ModelError::new(format!("{}/config.json is not valid JSON: {e}", spec.name))
+        })?;
+        let tokenizer = TextTokenizer::from_bytes(&source.read(spec, "tokenizer.json")?)?;
+        let weights = source.read(spec, "model.safetensors")?;
+        let encoder: Box<dyn Encoder> = match spec.architecture {
+            Architecture::Bert => Box::new(bert::Bert::load(&config, &weights)?),
+            Architecture::NomicBert => {
+                return Err(ModelError::new(format!(
+                    "{}: the NomicBERT architecture is not built yet",
+                    spec.name
+                )))
+            }
+        };
+        let max_tokens = spec.max_tokens.min(encoder.max_positions());
+        Ok(Model {
+            spec,
+            tokenizer,
+            encoder,
+            max_tokens,
+        })
+    }
+
+    pub fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+
+    /// Tokenises one input, with `prefix` (a task prompt, or "") in front of a text, and cuts it to the
+    /// model's maximum.
+    pub fn tokenize(&self, input: &Input, prefix: &str) -> Result<Tokens, ModelError> {
+        let mut ids = match input {
+            Input::Text(text) if prefix.is_empty() => self.tokenizer.encode(text)?,
+            Input::Text(text) => self.tokenizer.encode(&format!("{prefix}{text}"))?,
+            Input::Ids(ids) => {
+                let vocab = self.encoder.vocab_size();
+                if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+                    return Err(ModelError::invalid(format!(
+                        "token id {bad} is outside the vocabulary of {} (0..{vocab})",
+                        self.spec.name
+                    )));
+                }
+                ids.clone()
+            }
+        };
+        let untruncated = ids.len();
+        match input {
+            Input::Text(_) => self.tokenizer.truncate(&mut ids, self.max_tokens),
+            Input::Ids(_) => ids.truncate(self.max_tokens),
+        }
+        Ok(Tokens { ids, untruncated })
+    }
+
+    /// Pooled vectors of full width for a batch of tokenised inputs; `finish` turns each into an embedding.
+    pub fn encode(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let pooled = self.encoder.encode(batch)?;
+        if pooled.iter().flatten().any(|x| !x.is_finite()) {
+            return Err(ModelError::internal(
+                "the encoder produced a non-finite value",
+            ));
+        }
+        Ok(pooled)
+    }
+
+    /// The embedding of width `dims` (one of `spec.allowed_dims()`) from a pooled vector.
+    pub fn finish(&self, pooled: Vec<f32>, dims: usize) -> Vec<f32> {
+        pooling::finish(self.spec, pooled, dims)
+    }
+
+    /// Tokenise, encode and finish in one call, at full width.
+    pub fn embed(&self, inputs: &[Input]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let tokens = inputs
+            .iter()
+            .map(|input| self.tokenize(input, ""))
+            .collect::<Result<Vec<_>, _>>()?;
+        let batch: Vec<&[u32]> = tokens.iter().map(|t| t.ids.as_slice()).collect();
+        let pooled = self.encode(&batch)?;
+        Ok(pooled
+            .into_iter()
+            .map(|p| self.finish(p, self.spec.dims))
+            .collect())
+    }
+}
+
+/// Writes every file of `spec` from `source` to `dir/<name>/`, verified; returns the paths written.
+pub fn export(
+    spec: &'static ModelSpec,
+    source: &Source,
+    dir: &Path,
+) -> Result<Vec<PathBuf>, ModelError> {
+    let target = dir.join(spec.name);
+    std::fs::create_dir_all(&target)
+        .map_err(|e| ModelError::new(format!("cannot create {}: {e}", target.display())))?;
+    let mut written = Vec::new();
+    for file in spec.files {
+        let bytes = source.read(spec, file.name)?;
+        let path = target.join(file.name);
+        std::fs::write(&path, &bytes)
+            .map_err(|e| ModelError::new(format!("cannot write {}: {e}", path.display())))?;
+        written.push(path);
+    }
+    Ok(written)
+}

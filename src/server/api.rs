@@ -1,0 +1,307 @@
+//! The API's request and response bodies: parsing `/v1/embeddings` and `/v1/encode` requests into plain
+//! values, and writing the JSON the clients expect. No tensors here, and no sockets.
+
+use serde_json::{json, Map, Value};
+
+use super::errors::ApiError;
+use crate::models::{Input, ModelSpec};
+
+/// Which of the two embedding APIs a request came through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    /// The original's `/v1/encode`.
+    Encode,
+    /// OpenAI's `/v1/embeddings`.
+    OpenAi,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EncodingFormat {
+    Float,
+    /// Little-endian f32, base64-encoded, as OpenAI sends it.
+    Base64,
+}
+
+/// A parsed embedding request.
+#[derive(Debug)]
+pub struct EmbedRequest {
+    pub model: Option<String>,
+    pub inputs: Vec<Input>,
+    pub encoding_format: EncodingFormat,
+    pub dimensions: Option<usize>,
+    /// A task prompt to put in front of every text ("search_query", …).
+    pub task: Option<String>,
+    /// `Some(false)`: refuse over-long inputs instead of truncating them.
+    pub truncate: Option<bool>,
+}
+
+/// The deepest JSON nesting a valid request can have is 3 (`{"input": [[1, 2]]}`); serde_json stops at
+/// 128 on its own, which keeps a hostile body from exhausting the stack.
+pub fn parse_embed_request(body: &[u8]) -> Result<EmbedRequest, ApiError> {
+    let text = std::str::from_utf8(body).map_err(|e| {
+        ApiError::invalid(format!(
+            "The body is not valid UTF-8 (at byte {}).",
+            e.valid_up_to()
+        ))
+    })?;
+    if text.trim().is_empty() {
+        return Err(ApiError::invalid(
+            "The body is empty; send a JSON object such as {\"input\": [\"text\"]}.",
+        ));
+    }
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| ApiError::invalid(format!("The body is not valid JSON: {e}.")))?;
+    let Value::Object(fields) = value else {
+        return Err(ApiError::invalid(
+            "The body must be a JSON object such as {\"input\": [\"text\"]}.",
+        ));
+    };
+    Ok(EmbedRequest {
+        model: optional_string(&fields, "model")?,
+        inputs: parse_inputs(fields.get("input"))?,
+        encoding_format: match optional_string(&fields, "encoding_format")?.as_deref() {
+            None | Some("float") => EncodingFormat::Float,
+            Some("base64") => EncodingFormat::Base64,
+            Some(other) => {
+                return Err(ApiError::invalid_param(
+                    "encoding_format",
+                    format!("encoding_format must be \"float\" or \"base64\", not {other:?}."),
+                ))
+            }
+        },
+        dimensions: match fields.get("dimensions") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(
+                v.as_u64()
+                    .filter(|&d| d > 0)
+                    .map(|d| d as usize)
+                    .ok_or_else(|| {
+                        ApiError::invalid_param(
+                            "dimensions",
+                            "dimensions must be a positive integer.",
+                        )
+                    })?,
+            ),
+        },
+        task: match optional_string(&fields, "task")? {
+            Some(task) => Some(task),
+            None => optional_string(&fields, "prompt_name")?,
+        },
+        truncate: match fields.get("truncate") {
+            None | Some(Value::Null) => None,
+            Some(Value::Bool(b)) => Some(*b),
+            Some(_) => {
+                return Err(ApiError::invalid_param(
+                    "truncate",
+                    "truncate must be true or false.",
+                ))
+            }
+        },
+    })
+}
+
+fn optional_string(fields: &Map<String, Value>, key: &str) -> Result<Option<String>, ApiError> {
+    match fields.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(ApiError::invalid_param(
+            key,
+            format!("{key} must be a string."),
+        )),
+    }
+}
+
+/// `input`: a string, an array of strings, an array of token ids, or an array of arrays of token ids.
+fn parse_inputs(input: Option<&Value>) -> Result<Vec<Input>, ApiError> {
+    let shape_error = || {
+        ApiError::invalid_param(
+            "input",
+            "input must be a string, an array of strings, an array of token ids, or an array of arrays of token ids.",
+        )
+    };
+    let token_ids = |items: &[Value]| -> Result<Vec<u32>, ApiError> {
+        items
+            .iter()
+            .map(|v| {
+                v.as_u64()
+                    .and_then(|id| u32::try_from(id).ok())
+                    .ok_or_else(|| {
+                        ApiError::invalid_param(
+                            "input",
+                            "token ids must be non-negative integers below 2^32.",
+                        )
+                    })
+            })
+            .collect()
+    };
+    match input {
+        None | Some(Value::Null) => Err(ApiError::invalid_param(
+            "input",
+            "The body lacks \"input\".",
+        )),
+        Some(Value::String(text)) => Ok(vec![Input::Text(text.clone())]),
+        Some(Value::Array(items)) if items.is_empty() => Err(ApiError::invalid_param(
+            "input",
+            "input must not be an empty array.",
+        )),
+        Some(Value::Array(items)) => match &items[0] {
+            Value::String(_) => items
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(|s| Input::Text(s.to_string()))
+                        .ok_or_else(shape_error)
+                })
+                .collect(),
+            Value::Number(_) => Ok(vec![Input::Ids(token_ids(items)?)]),
+            Value::Array(_) => items
+                .iter()
+                .map(|v| match v {
+                    Value::Array(ids) if ids.is_empty() => Err(ApiError::invalid_param(
+                        "input",
+                        "a token id array must not be empty.",
+                    )),
+                    Value::Array(ids) => Ok(Input::Ids(token_ids(ids)?)),
+                    _ => Err(shape_error()),
+                })
+                .collect(),
+            _ => Err(shape_error()),
+        },
+        Some(_) => Err(shape_error()),
+    }
+}
+
+/// Writes the embeddings response. `embeddings` are already at the width the client asked for.
+pub fn embeddings_response(
+    model: &str,
+    embeddings: &[Vec<f32>],
+    format: EncodingFormat,
+    prompt_tokens: usize,
+) -> String {
+    let floats_per_item = embeddings.first().map_or(0, Vec::len);
+    let mut out = String::with_capacity(128 + embeddings.len() * (96 + floats_per_item * 12));
+    out.push_str("{\"object\":\"list\",\"model\":");
+    out.push_str(&Value::String(model.to_string()).to_string());
+    out.push_str(",\"data\":[");
+    for (index, embedding) in embeddings.iter().enumerate() {
+        if index > 0 {
+            out.push(',');
+        }
+        out.push_str(&format!(
+            "{{\"object\":\"embedding\",\"index\":{index},\"dims\":{},\"embedding\":",
+            embedding.len()
+        ));
+        match format {
+            EncodingFormat::Float => write_floats(&mut out, embedding),
+            EncodingFormat::Base64 => {
+                out.push('"');
+                let bytes: Vec<u8> = embedding.iter().flat_map(|x| x.to_le_bytes()).collect();
+                base64_into(&mut out, &bytes);
+                out.push('"');
+            }
+        }
+        out.push('}');
+    }
+    out.push(']');
+    out.push_str(&format!(
+        ",\"usage\":{{\"prompt_tokens\":{prompt_tokens},\"total_tokens\":{prompt_tokens}}}"
+    ));
+    out.push('}');
+    out
+}
+
+/// `[x,y,…]` with each float in the shortest form that reads back to the same f32.
+fn write_floats(out: &mut String, values: &[f32]) {
+    let mut buffer = Vec::with_capacity(values.len() * 12);
+    // Serialising a slice of finite f32 cannot fail; the engine rejects non-finite output before this.
+    let _ = serde_json::to_writer(&mut buffer, values);
+    out.push_str(std::str::from_utf8(&buffer).unwrap_or("[]"));
+}
+
+fn base64_into(out: &mut String, bytes: &[u8]) {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for (i, shift) in [18, 12, 6, 0].into_iter().enumerate() {
+            if i <= chunk.len() {
+                out.push(ALPHABET[((n >> shift) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+}
+
+/// `GET /v1/models`: exactly the original's shape.
+pub fn models_list(names: &[&str]) -> String {
+    json!({"object": "list", "data": names}).to_string()
+}
+
+/// `GET /v1/models/{id}`.
+pub fn model_card(spec: &ModelSpec, max_tokens: usize, created: u64) -> String {
+    let tasks: Vec<&str> = spec.prompts.iter().map(|(task, _)| *task).collect();
+    json!({
+        "id": spec.name,
+        "object": "model",
+        "created": created,
+        "owned_by": spec.hub_repo.split('/').next().unwrap_or("embedding-server"),
+        "dims": spec.dims,
+        "dimensions": spec.allowed_dims(),
+        "matryoshka": !spec.matryoshka_dims.is_empty(),
+        "max_tokens": max_tokens,
+        "tasks": tasks,
+        "architecture": format!("{:?}", spec.architecture),
+        "revision": format!("{}@{}", spec.hub_repo, spec.hub_revision),
+        "normalized": spec.normalize,
+    })
+    .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_the_standard_alphabet_and_padding() {
+        let cases: [(&[u8], &str); 4] = [
+            (b"", ""),
+            (b"f", "Zg=="),
+            (b"fo", "Zm8="),
+            (b"foobar", "Zm9vYmFy"),
+        ];
+        for (input, expected) in cases {
+            let mut out = String::new();
+            base64_into(&mut out, input);
+            assert_eq!(out, expected);
+        }
+    }
+
+    #[test]
+    fn inputs_take_every_openai_shape_and_refuse_mixtures() {
+        let parse = |body: &str| parse_embed_request(body.as_bytes()).map(|r| r.inputs);
+        assert_eq!(
+            parse(r#"{"input":"a"}"#).unwrap(),
+            vec![Input::Text("a".into())]
+        );
+        assert_eq!(
+            parse(r#"{"input":[1,2]}"#).unwrap(),
+            vec![Input::Ids(vec![1, 2])]
+        );
+        assert_eq!(parse(r#"{"input":[[1],[2]]}"#).unwrap().len(), 2);
+        for bad in [
+            r#"{"input":[]}"#,
+            r#"{"input":["a",1]}"#,
+            r#"{"input":[-1]}"#,
+            r#"{"input":{}}"#,
+            "[]",
+            "{",
+        ] {
+            assert_eq!(parse(bad).unwrap_err().status, 400, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! The API's errors: OpenAI's nested body `{"error":{"message","type","param","code"}}` with the right
+//! HTTP status, everywhere.
+
+use serde_json::json;
+
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: u16,
+    pub message: String,
+    /// OpenAI's `type`: invalid_request_error, authentication_error, server_error, …
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+    /// Extra response headers (`Allow` on 405, `Retry-After` on 429/503).
+    pub headers: Vec<(&'static str, String)>,
+}
+
+impl ApiError {
+    fn new(status: u16, kind: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+            kind,
+            param: None,
+            code: None,
+            headers: Vec::new(),
+        }
+    }
+
+    /// 400: the request is malformed or asks for something impossible.
+    pub fn invalid(message: impl Into<String>) -> ApiError {
+        ApiError::new(400, "invalid_request_error", message)
+    }
+
+    /// 400 about one field of the body.
+    pub fn invalid_param(param: &str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            param: Some(param.to_string()),
+            ..ApiError::invalid(message)
+        }
+    }
+
+    pub fn model_not_found(model: &str, available: &[&str]) -> ApiError {
+        ApiError {
+            param: Some("model".into()),
+            code: Some("model_not_found"),
+            ..ApiError::new(
+                404,
+                "invalid_request_error",
+                format!(
+                    "The model `{model}` does not exist. Available models: {}.",
+                    available.join(", ")
+                ),
+            )
+        }
+    }
+
+    pub fn not_found(path: &str) -> ApiError {
+        ApiError {
+            code: Some("not_found"),
+            ..ApiError::new(
+                404,
+                "invalid_request_error",
+                format!("No route for {path}."),
+            )
+        }
+    }
+
+    pub fn method_not_allowed(method: &str, allowed: &str) -> ApiError {
+        ApiError {
+            code: Some("method_not_allowed"),
+            headers: vec![("Allow", allowed.to_string())],
+            ..ApiError::new(
+                405,
+                "invalid_request_error",
+                format!("Method {method} is not allowed here; use {allowed}."),
+            )
+        }
+    }
+
+    pub fn too_large(limit: u64) -> ApiError {
+        ApiError {
+            code: Some("request_too_large"),
+            ..ApiError::new(
+                413,
+                "invalid_request_error",
+                format!("The request body exceeds {limit} bytes."),
+            )
+        }
+    }
+
+    pub fn unsupported_media_type(found: &str) -> ApiError {
+        ApiError {
+            code: Some("unsupported_media_type"),
+            ..ApiError::new(
+                415,
+                "invalid_request_error",
+                format!("The body must be JSON (Content-Type: application/json), not {found:?}."),
+            )
+        }
+    }
+
+    pub fn overloaded(
+        status: u16,
+        message: impl Into<String>,
+        retry_after_seconds: u64,
+    ) -> ApiError {
+        ApiError {
+            code: Some(if status == 429 {
+                "queue_full"
+            } else {
+                "timeout"
+            }),
+            headers: vec![("Retry-After", retry_after_seconds.to_string())],
+            ..ApiError::new(
+                status,
+                if status == 429 {
+                    "rate_limit_error"
+                } else {
+                    "server_error"
+                },
+                message,
+            )
+        }
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> ApiError {
+        ApiError {
+            code: Some("unavailable"),
+            headers: vec![("Retry-After", "1".into())],
+            ..ApiError::new(503, "server_error", message)
+        }
+    }
+
+    /// 500 without internals: the details go to the log, not to the client.
+    pub fn internal() -> ApiError {
+        ApiError::new(
+            500,
+            "server_error",
+            "The server failed to handle this request; it has been logged.",
+        )
+    }
+
+    pub fn body(&self) -> String {
+        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
+            .to_string()
+    }
+}

@@ -1,0 +1,286 @@
+//! Routing: from method and path to a handler, and from a handler's result to an HTTP response. Handlers
+//! get plain values (method, path, headers, body) and return plain values, so a panic in one is caught and
+//! answered with a 500 while the worker thread goes on.
+
+use std::panic::AssertUnwindSafe;
+use std::time::Instant;
+
+use super::api::{self, Api, EmbedRequest};
+use super::errors::ApiError;
+use super::queue::QueueError;
+use super::App;
+use crate::models::{ErrorKind, Tokens};
+
+/// A request with its body read, as the handlers see it.
+pub struct Incoming<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub content_type: Option<&'a str>,
+    pub body: &'a [u8],
+}
+
+/// A handler's answer.
+pub struct Outgoing {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: String,
+    pub headers: Vec<(&'static str, String)>,
+    /// For the log line: inputs and tokens of an embedding request.
+    pub inputs: usize,
+    pub tokens: usize,
+}
+
+impl Outgoing {
+    fn json(body: String) -> Outgoing {
+        Outgoing {
+            status: 200,
+            content_type: "application/json",
+            body,
+            headers: Vec::new(),
+            inputs: 0,
+            tokens: 0,
+        }
+    }
+
+    pub fn error(error: ApiError) -> Outgoing {
+        Outgoing {
+            status: error.status,
+            content_type: "application/json",
+            body: error.body(),
+            headers: error.headers.clone(),
+            inputs: 0,
+            tokens: 0,
+        }
+    }
+}
+
+/// Answers one request; never panics (a panicking handler becomes a 500).
+pub fn handle(app: &App, request: &Incoming) -> Outgoing {
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| route(app, request)));
+    let outgoing = match outcome {
+        Ok(Ok(outgoing)) => outgoing,
+        Ok(Err(error)) => Outgoing::error(error),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            eprintln!(
+                "error: a handler panicked on {} {}: {what}",
+                request.method, request.path
+            );
+            app.metrics.record_panic();
+            Outgoing::error(ApiError::internal())
+        }
+    };
+    if outgoing.status >= 400 {
+        app.metrics.record_error(outgoing.status);
+    }
+    outgoing
+}
+
+fn route(app: &App, request: &Incoming) -> Result<Outgoing, ApiError> {
+    let path = request.path.split('?').next().unwrap_or("");
+    let method = request.method;
+    let allow = |allowed: &str, ok: bool| {
+        if ok {
+            Ok(())
+        } else {
+            Err(ApiError::method_not_allowed(method, allowed))
+        }
+    };
+    match path {
+        "/health" => {
+            allow("GET", method == "GET")?;
+            Ok(Outgoing::json(r#"{"status":"ok"}"#.into()))
+        }
+        "/metrics" | "/metrics/" => {
+            allow("GET", method == "GET")?;
+            Ok(Outgoing {
+                content_type: "text/plain; version=0.0.4; charset=utf-8",
+                ..Outgoing::json(app.metrics.render())
+            })
+        }
+        "/v1/models" | "/v1/models/" => {
+            allow("GET", method == "GET")?;
+            Ok(Outgoing::json(api::models_list(&app.model_names())))
+        }
+        "/v1/encode" | "/v1/encode/" => {
+            allow("GET, POST", method == "GET" || method == "POST")?;
+            embed(app, Api::Encode, request)
+        }
+        "/v1/embeddings" | "/v1/embeddings/" | "/embeddings" | "/embeddings/" => {
+            allow("POST", method == "POST")?;
+            embed(app, Api::OpenAi, request)
+        }
+        _ => match path.strip_prefix("/v1/models/") {
+            Some(id) => {
+                allow("GET", method == "GET")?;
+                let queue = app.queue(id)?;
+                let model = queue.model();
+                Ok(Outgoing::json(api::model_card(
+                    model.spec,
+                    model.max_tokens(),
+                    app.started,
+                )))
+            }
+            None => Err(ApiError::not_found(path)),
+        },
+    }
+}
+
+fn embed(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiError> {
+    let started = Instant::now();
+    let result = embed_inner(app, api, request);
+    app.metrics.record_processing(started.elapsed());
+    result
+}
+
+fn embed_inner(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiError> {
+    if let Some(content_type) = request.content_type {
+        let media = content_type
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        if media != "application/json" && !media.ends_with("+json") {
+            return Err(ApiError::unsupported_media_type(content_type));
+        }
+    }
+    let body = api::parse_embed_request(request.body)?;
+    let EmbedRequest {
+        model,
+        inputs,
+        encoding_format,
+        dimensions,
+        task,
+        truncate,
+    } = body;
+    let queue = app.queue(model.as_deref().unwrap_or(&app.default_model))?;
+    let model = queue.model();
+    let spec = model.spec;
+    let limits = &app.limits;
+
+    if inputs.len() > limits.max_inputs {
+        return Err(ApiError::invalid_param(
+            "input",
+            format!(
+                "{} inputs is more than the limit of {} per request.",
+                inputs.len(),
+                limits.max_inputs
+            ),
+        ));
+    }
+    let dims = match dimensions {
+        None => spec.dims,
+        Some(d) if spec.allowed_dims().contains(&d) => d,
+        Some(d) => {
+            let allowed: Vec<String> = spec.allowed_dims().iter().map(usize::to_string).collect();
+            return Err(ApiError::invalid_param(
+                "dimensions",
+                format!(
+                    "{} cannot give {d} dimensions; allowed: {}.",
+                    spec.name,
+                    allowed.join(", ")
+                ),
+            ));
+        }
+    };
+    let prefix = match task.as_deref() {
+        None => "",
+        Some(_) if spec.prompts.is_empty() => {
+            return Err(ApiError::invalid_param(
+                "task",
+                format!("{} takes no task prompts.", spec.name),
+            ))
+        }
+        Some(task) => spec.prompt(task).ok_or_else(|| {
+            let tasks: Vec<&str> = spec.prompts.iter().map(|(t, _)| *t).collect();
+            ApiError::invalid_param(
+                "task",
+                format!(
+                    "Unknown task {task:?}; {} knows: {}.",
+                    spec.name,
+                    tasks.join(", ")
+                ),
+            )
+        })?,
+    };
+    let truncate = truncate.unwrap_or(limits.truncate);
+
+    let mut tokenized: Vec<Tokens> = Vec::with_capacity(inputs.len());
+    let mut total = 0usize;
+    for (index, input) in inputs.iter().enumerate() {
+        let tokens = model.tokenize(input, prefix).map_err(|e| match e.kind {
+            ErrorKind::InvalidInput => {
+                ApiError::invalid_param("input", format!("input {index}: {e}"))
+            }
+            _ => {
+                eprintln!("error: tokenising input {index} for {}: {e}", spec.name);
+                ApiError::internal()
+            }
+        })?;
+        if !truncate && tokens.untruncated > model.max_tokens() {
+            return Err(ApiError::invalid_param(
+                "input",
+                format!(
+                    "input {index} has {} tokens; {} takes at most {} (send \"truncate\": true to cut it).",
+                    tokens.untruncated,
+                    spec.name,
+                    model.max_tokens()
+                ),
+            ));
+        }
+        total += tokens.ids.len();
+        if total > limits.max_request_tokens {
+            return Err(ApiError::invalid_param(
+                "input",
+                format!(
+                    "The request has more than {} tokens (the limit per request).",
+                    limits.max_request_tokens
+                ),
+            ));
+        }
+        tokenized.push(tokens);
+    }
+    let truncated = tokenized
+        .iter()
+        .filter(|t| t.untruncated > t.ids.len())
+        .count();
+    let ids: Vec<Vec<u32>> = tokenized.into_iter().map(|t| t.ids).collect();
+
+    let pooled = queue
+        .embed(ids, limits.request_timeout)
+        .map_err(|e| match e {
+            QueueError::Full => {
+                ApiError::overloaded(429, "The server's queue is full; retry shortly.", 1)
+            }
+            QueueError::TimedOut => {
+                ApiError::overloaded(503, "The request waited too long for the engine; retry.", 1)
+            }
+            QueueError::Engine(e) if e.kind == ErrorKind::InvalidInput => {
+                ApiError::invalid_param("input", e.message)
+            }
+            QueueError::Engine(e) => {
+                eprintln!("error: the engine failed for {}: {e}", spec.name);
+                ApiError::internal()
+            }
+        })?;
+    let count = pooled.len();
+    let embeddings: Vec<Vec<f32>> = pooled.into_iter().map(|p| model.finish(p, dims)).collect();
+    let api_label = if api == Api::Encode {
+        "encode"
+    } else {
+        "embeddings"
+    };
+    app.metrics
+        .record_request(spec.name, api_label, count, total, truncated);
+    let body = api::embeddings_response(spec.name, &embeddings, encoding_format, total);
+    Ok(Outgoing {
+        inputs: count,
+        tokens: total,
+        ..Outgoing::json(body)
+    })
+}
