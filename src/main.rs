@@ -1,11 +1,7 @@
 //! embedding-server: sentence embeddings over HTTP from one self-contained binary.
 
-mod cli;
-mod commands;
-mod models;
-mod server;
-
-use cli::Command;
+use embedding_server::cli::{self, Command};
+use embedding_server::{commands, models, server};
 
 fn main() {
     let result = match cli::parse(std::env::args_os().skip(1)) {

@@ -56,8 +56,4 @@ impl TextTokenizer {
         ids.truncate(max - self.suffix);
         ids.extend(tail);
     }
-
-    pub fn special_tokens(&self) -> usize {
-        self.prefix + self.suffix
-    }
 }
