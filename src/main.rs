@@ -22,6 +22,14 @@ fn main() {
         }
         Ok(Command::Export { dir, options }) => commands::export_models(&dir, &options),
         Ok(Command::Embed { texts, options }) => commands::embed(texts, &options),
+        // Health checkers (a container's HEALTHCHECK) read exit status 1 as unhealthy; 2 is reserved there.
+        Ok(Command::Health(options)) => match commands::health(&options) {
+            Ok(()) => Ok(()),
+            Err(message) => {
+                eprintln!("embedding-server: {message}");
+                std::process::exit(1);
+            }
+        },
         Ok(Command::Serve(options)) => {
             commands::load_models(&options).and_then(|models| server::serve(&options, models))
         }

@@ -4,6 +4,7 @@
 pub mod api;
 mod errors;
 mod metrics;
+pub mod notify;
 mod queue;
 mod routes;
 
@@ -38,6 +39,8 @@ pub struct App {
     metrics: Arc<Metrics>,
     /// Unix time the server started, reported as the models' `created`.
     started: u64,
+    /// `--cors-allow-origin`: the origin browsers may call from; `None` sends no CORS headers.
+    cors_allow_origin: Option<String>,
 }
 
 impl App {
@@ -92,6 +95,7 @@ pub fn serve(options: &Options, models: Vec<Model>) -> Result<(), String> {
         limits,
         metrics,
         started,
+        cors_allow_origin: options.text("cors-allow-origin").map(String::from),
     });
 
     let address = if host.contains(':') && !host.starts_with('[') {
@@ -104,6 +108,8 @@ pub fn serve(options: &Options, models: Vec<Model>) -> Result<(), String> {
     })?;
     let server = Arc::new(server);
     println!("listening on http://{}", server.server_addr());
+    notify::ready();
+    notify::start_watchdog();
 
     let workers: Vec<_> = (0..threads)
         .map(|i| {

@@ -56,6 +56,47 @@ impl Outgoing {
 
 /// Answers one request; never panics (a panicking handler becomes a 500).
 pub fn handle(app: &App, request: &Incoming) -> Outgoing {
+    let origin = app.cors_allow_origin.as_deref();
+    if let (Some(origin), "OPTIONS") = (origin, request.method) {
+        return cors_preflight(origin);
+    }
+    let outgoing = handle_uncaught(app, request);
+    match origin {
+        Some(origin) => with_cors(origin, outgoing),
+        None => outgoing,
+    }
+}
+
+/// The answer to a browser's CORS preflight: which methods and headers a cross-origin request may use.
+fn cors_preflight(origin: &str) -> Outgoing {
+    let mut outgoing = with_cors(origin, Outgoing::json(String::new()));
+    outgoing.status = 204;
+    outgoing.headers.extend([
+        (
+            "Access-Control-Allow-Methods",
+            "GET, POST, OPTIONS".to_string(),
+        ),
+        (
+            "Access-Control-Allow-Headers",
+            "Content-Type, Authorization".to_string(),
+        ),
+        ("Access-Control-Max-Age", "86400".to_string()),
+    ]);
+    outgoing
+}
+
+fn with_cors(origin: &str, mut outgoing: Outgoing) -> Outgoing {
+    outgoing
+        .headers
+        .push(("Access-Control-Allow-Origin", origin.to_string()));
+    // A cache must not hand one origin's answer to another when the allowed origin is not a wildcard.
+    if origin != "*" {
+        outgoing.headers.push(("Vary", "Origin".to_string()));
+    }
+    outgoing
+}
+
+fn handle_uncaught(app: &App, request: &Incoming) -> Outgoing {
     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| route(app, request)));
     let outgoing = match outcome {
         Ok(Ok(outgoing)) => outgoing,
