@@ -41,7 +41,7 @@ impl Config {
             vocab: int("vocab_size")?,
             eps: config["layer_norm_eps"].as_f64().unwrap_or(1e-12),
         };
-        if config.heads == 0 || config.hidden % config.heads != 0 {
+        if config.heads == 0 || !config.hidden.is_multiple_of(config.heads) {
             return Err(ModelError::new(
                 "config.json: hidden_size must be a multiple of num_attention_heads",
             ));
