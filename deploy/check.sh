@@ -39,6 +39,7 @@ echo "flake fetches: $pins"
 echo "$pins" | grep -qE '=[0-9a-f]{64}"' || { echo "a default model file has no sha256 pin" >&2; exit 1; }
 
 echo "== kubernetes"
+python3 -c 'import yaml' 2>/dev/null || { echo "deploy/check.sh: python3 lacks PyYAML (apt-get install python3-yaml, or pip install pyyaml)" >&2; exit 1; }
 python3 - deploy/kubernetes/*.yaml <<'PY'
 import sys, yaml
 kinds = []

@@ -22,11 +22,18 @@ pub fn read(spec: &ModelSpec, file: &str) -> Result<Vec<u8>, ModelError> {
             spec.name
         ))
     };
-    let bytes = zstd::decode_all(blob.contents()).map_err(|e| corrupt(&e))?;
+    let size = spec
+        .files
+        .iter()
+        .find(|f| f.name == file)
+        .map_or(0, |f| f.size as usize);
     if codec == byte_planes::SHUFFLED_ZSTD {
-        byte_planes::unshuffle_safetensors(&bytes).map_err(|e| corrupt(&e))
+        // Unshuffled block by block as it is decompressed: the shuffled file never sits whole in memory.
+        let decoder =
+            zstd::stream::read::Decoder::with_buffer(blob.contents()).map_err(|e| corrupt(&e))?;
+        byte_planes::unshuffle_from(decoder, size).map_err(|e| corrupt(&e))
     } else {
-        Ok(bytes)
+        zstd::decode_all(blob.contents()).map_err(|e| corrupt(&e))
     }
 }
 
