@@ -89,6 +89,20 @@ impl ApiError {
         }
     }
 
+    pub fn timeout_reading_body(deadline: std::time::Duration) -> ApiError {
+        ApiError {
+            code: Some("request_timeout"),
+            ..ApiError::new(
+                408,
+                "invalid_request_error",
+                format!(
+                    "The body did not arrive within {} s (or was shorter than its Content-Length).",
+                    deadline.as_secs_f64()
+                ),
+            )
+        }
+    }
+
     pub fn unsupported_media_type(found: &str) -> ApiError {
         ApiError {
             code: Some("unsupported_media_type"),
@@ -121,6 +135,14 @@ impl ApiError {
                 },
                 message,
             )
+        }
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> ApiError {
+        ApiError {
+            code: Some("invalid_api_key"),
+            headers: vec![("WWW-Authenticate", "Bearer".into())],
+            ..ApiError::new(401, "authentication_error", message)
         }
     }
 

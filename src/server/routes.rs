@@ -57,7 +57,7 @@ impl Outgoing {
 /// Answers one request; never panics (a panicking handler becomes a 500).
 pub fn handle(app: &App, request: &Incoming) -> Outgoing {
     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| route(app, request)));
-    let outgoing = match outcome {
+    match outcome {
         Ok(Ok(outgoing)) => outgoing,
         Ok(Err(error)) => Outgoing::error(error),
         Err(panic) => {
@@ -73,11 +73,7 @@ pub fn handle(app: &App, request: &Incoming) -> Outgoing {
             app.metrics.record_panic();
             Outgoing::error(ApiError::internal())
         }
-    };
-    if outgoing.status >= 400 {
-        app.metrics.record_error(outgoing.status);
     }
-    outgoing
 }
 
 fn route(app: &App, request: &Incoming) -> Result<Outgoing, ApiError> {
@@ -93,6 +89,10 @@ fn route(app: &App, request: &Incoming) -> Result<Outgoing, ApiError> {
     match path {
         "/health" => {
             allow("GET", method == "GET")?;
+            if app.lifecycle.draining() {
+                // Load balancers take this as the signal to stop sending here.
+                return Err(ApiError::unavailable("The server is shutting down."));
+            }
             Ok(Outgoing::json(r#"{"status":"ok"}"#.into()))
         }
         "/metrics" | "/metrics/" => {
