@@ -3,6 +3,15 @@
 
 use serde_json::json;
 
+/// At most 64 characters of a client's string, for error messages: enough to recognise, never the whole.
+pub fn excerpt(text: &str) -> String {
+    const MAX: usize = 64;
+    match text.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_string(),
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ApiError {
     pub status: u16,
@@ -48,7 +57,8 @@ impl ApiError {
                 404,
                 "invalid_request_error",
                 format!(
-                    "The model `{model}` does not exist. Available models: {}.",
+                    "The model `{}` does not exist. Available models: {}.",
+                    excerpt(model),
                     available.join(", ")
                 ),
             )
@@ -61,7 +71,7 @@ impl ApiError {
             ..ApiError::new(
                 404,
                 "invalid_request_error",
-                format!("No route for {path}."),
+                format!("No route for {}.", excerpt(path)),
             )
         }
     }
@@ -109,7 +119,14 @@ impl ApiError {
             ..ApiError::new(
                 415,
                 "invalid_request_error",
-                format!("The body must be JSON (Content-Type: application/json), not {found:?}."),
+                if found.is_empty() {
+                    "The body must be JSON, sent with Content-Type: application/json.".to_string()
+                } else {
+                    format!(
+                        "The body must be JSON (Content-Type: application/json), not {:?}.",
+                        excerpt(found)
+                    )
+                },
             )
         }
     }

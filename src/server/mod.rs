@@ -122,6 +122,8 @@ pub fn serve(options: &Options, models: Vec<Model>) -> Result<(), String> {
         last_request: Mutex::new(Instant::now()),
     });
 
+    // One line per panic, whatever thread it happens on; the request it hit is answered 500 and logged.
+    std::panic::set_hook(Box::new(|info| eprintln!("error: panic: {info}")));
     lifecycle::install_signal_handlers();
     lifecycle::raise_fd_limit();
     let address = if host.contains(':') && !host.starts_with('[') {
@@ -274,6 +276,10 @@ fn answer(app: &App, mut request: tiny_http::Request) {
             Outgoing::error(ApiError::too_large(limit))
         }
         Ok(()) => match read_body(request.as_reader(), limit, app.limits.body_timeout) {
+            // The front door cut a stalled body short: tiny_http reports that as an early end.
+            Ok(body) if declared.is_some_and(|n| (body.len() as u64) < n) => {
+                Outgoing::error(ApiError::timeout_reading_body(app.limits.body_timeout))
+            }
             Ok(body) => routes::handle(
                 app,
                 &Incoming {
