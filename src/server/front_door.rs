@@ -10,6 +10,7 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -86,6 +87,9 @@ impl FrontDoor {
                 break;
             }
             let Ok(client) = stream else {
+                if self.closing.load(Ordering::SeqCst) {
+                    break;
+                }
                 // EMFILE and friends: back off instead of spinning; the connections in hand go on.
                 std::thread::sleep(Duration::from_millis(10));
                 continue;
@@ -110,17 +114,14 @@ impl FrontDoor {
         }
     }
 
-    /// Stops accepting: connections already open are served until they close.
+    /// Stops accepting: new connections are refused, those already open are served until they close.
     pub fn close(&self) {
         self.closing.store(true, Ordering::SeqCst);
-        // Wakes the blocked accept(); the connection is dropped at once.
-        let _ = TcpStream::connect_timeout(
-            &self
-                .listener
-                .local_addr()
-                .unwrap_or_else(|_| ([127, 0, 0, 1], 0).into()),
-            Duration::from_millis(200),
-        );
+        // SAFETY: shutting down our own listening socket wakes the blocked accept() and stops the kernel from
+        // completing new connections; the fd itself stays valid until the FrontDoor is dropped.
+        unsafe {
+            libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR);
+        }
     }
 
     /// Relays one connection: client → tiny_http here, tiny_http → client on a second thread.
