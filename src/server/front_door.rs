@@ -29,7 +29,8 @@ pub struct FrontDoor {
     internal: SocketAddr,
     config: FrontDoorConfig,
     open: AtomicUsize,
-    closing: AtomicBool,
+    /// Set when the drain begins; relays read it to end keep-alive connections.
+    closing: Arc<AtomicBool>,
 }
 
 /// The answer to a connection over the cap: a complete response, so clients see why.
@@ -65,7 +66,7 @@ impl FrontDoor {
             internal,
             config,
             open: AtomicUsize::new(0),
-            closing: AtomicBool::new(false),
+            closing: Arc::new(AtomicBool::new(false)),
         };
         Ok((Arc::new(door), inner))
     }
@@ -140,17 +141,12 @@ impl FrontDoor {
         };
         let response_writes = Arc::new(AtomicUsize::new(0));
         let writes = Arc::clone(&response_writes);
+        let closing = Arc::clone(&self.closing);
         let writer = std::thread::Builder::new()
             .name("relay-out".into())
             .stack_size(RELAY_STACK)
             .spawn(move || {
-                let mut buffer = [0u8; 16 * 1024];
-                while let Ok(n) = server_in.read(&mut buffer) {
-                    if n == 0 || client_out.write_all(&buffer[..n]).is_err() {
-                        break;
-                    }
-                    writes.fetch_add(1, Ordering::SeqCst);
-                }
+                forward_responses(&mut server_in, &mut client_out, &closing, &writes);
                 let _ = client_out.shutdown(Shutdown::Both);
             });
         if writer.is_err() {
@@ -205,14 +201,138 @@ impl FrontDoor {
                 Phase::Head { started: None } | Phase::Answering { .. } => false,
             };
             let answering = matches!(framer.phase, Phase::Answering { mark } if mark == writes);
+            let between_requests = !answering
+                && !matches!(framer.phase, Phase::Head { started: Some(_) })
+                && !matches!(framer.phase, Phase::Body { .. } | Phase::Chunked { .. });
             let idle = !answering && last_activity.elapsed() >= c.idle_timeout;
-            if too_slow || idle {
+            // Draining: a kept-alive connection with nothing in progress is closed now rather than left for
+            // a request that would meet the process's exit.
+            let drained = between_requests
+                && self.closing.load(Ordering::SeqCst)
+                && last_activity.elapsed() >= Duration::from_millis(100);
+            if too_slow || idle || drained {
                 // Closing our side of tiny_http's connection ends a half-read body with EOF, so the worker
                 // answers (400) instead of waiting; the answer still reaches the client.
                 return;
             }
         }
     }
+}
+
+/// Copies tiny_http's responses to the client one at a time. While draining, each response head gets
+/// `Connection: close` and the connection ends after that response, so keep-alive clients open a new
+/// connection (refused: the listener is closed) instead of sending a request into a closing socket.
+/// tiny_http itself refuses to send that header, which is why this is done here.
+fn forward_responses(
+    from: &mut UnixStream,
+    to: &mut TcpStream,
+    closing: &AtomicBool,
+    writes: &AtomicUsize,
+) {
+    let mut pending: Vec<u8> = Vec::new();
+    let mut buffer = [0u8; 16 * 1024];
+    let mut fill = |pending: &mut Vec<u8>| -> bool {
+        match from.read(&mut buffer) {
+            Ok(n) if n > 0 => {
+                pending.extend_from_slice(&buffer[..n]);
+                true
+            }
+            _ => false,
+        }
+    };
+    loop {
+        let head_end = loop {
+            if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                break Some(end + 4);
+            }
+            if pending.len() > MAX_HEAD || !fill(&mut pending) {
+                break None;
+            }
+        };
+        let Some(head_end) = head_end.filter(|_| pending.starts_with(b"HTTP/1.")) else {
+            // Not a response head as expected: relay the rest untouched.
+            let _ = to.write_all(&pending);
+            pending.clear();
+            while fill(&mut pending) {
+                if to.write_all(&pending).is_err() {
+                    return;
+                }
+                pending.clear();
+            }
+            return;
+        };
+        let mut head: Vec<u8> = pending.drain(..head_end).collect();
+        let informational = head.get(9) == Some(&b'1');
+        let close_after = !informational && closing.load(Ordering::SeqCst);
+        if close_after {
+            let at = head.len() - 2;
+            head.splice(at..at, b"Connection: close\r\n".iter().copied());
+        }
+        if to.write_all(&head).is_err() {
+            return;
+        }
+        writes.fetch_add(1, Ordering::SeqCst);
+        match response_body(&head) {
+            ResponseBody::Length(mut left) => {
+                while left > 0 {
+                    if pending.is_empty() && !fill(&mut pending) {
+                        return;
+                    }
+                    let take = pending.len().min(left);
+                    if to.write_all(&pending[..take]).is_err() {
+                        return;
+                    }
+                    pending.drain(..take);
+                    left -= take;
+                    writes.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+            ResponseBody::Chunked => loop {
+                if let Some(end) = pending.windows(5).position(|w| w == b"0\r\n\r\n") {
+                    // A JSON or metrics body never holds a raw CRLF, so this is the last chunk.
+                    let body: Vec<u8> = pending.drain(..end + 5).collect();
+                    if to.write_all(&body).is_err() {
+                        return;
+                    }
+                    break;
+                }
+                let keep = pending.len().saturating_sub(4);
+                if to.write_all(&pending[..keep]).is_err() {
+                    return;
+                }
+                pending.drain(..keep);
+                writes.fetch_add(1, Ordering::SeqCst);
+                if !fill(&mut pending) {
+                    let _ = to.write_all(&pending);
+                    return;
+                }
+            },
+            ResponseBody::None => {}
+        }
+        if close_after {
+            return;
+        }
+    }
+}
+
+enum ResponseBody {
+    Length(usize),
+    Chunked,
+    None,
+}
+
+fn response_body(head: &[u8]) -> ResponseBody {
+    let head = String::from_utf8_lossy(head).to_ascii_lowercase();
+    for line in head.lines().skip(1) {
+        if let Some((name, value)) = line.split_once(':') {
+            match name.trim() {
+                "transfer-encoding" if value.contains("chunked") => return ResponseBody::Chunked,
+                "content-length" => return ResponseBody::Length(value.trim().parse().unwrap_or(0)),
+                _ => {}
+            }
+        }
+    }
+    ResponseBody::None
 }
 
 /// Where the client is in its current request.
