@@ -77,6 +77,18 @@ impl Server {
             }
         };
         std::thread::spawn(move || for _ in lines {});
+        // A server kept in a static is never dropped: this watcher kills it when the test process is gone.
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "while kill -0 {} 2>/dev/null; do sleep 0.5; done; kill -9 {} 2>/dev/null",
+                std::process::id(),
+                child.id()
+            ))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
         Server {
             child,
             port,
