@@ -1,6 +1,9 @@
 //! Models: the catalog, loading (from the embedded copy or a directory), tokenisation, the architectures and
 //! pooling. The server reaches models only through [`Model`]; nothing here knows of HTTP.
 
+// bert.rs belongs to the BERT optimisation branch; this toolchain's clippy flags one modulo test in it.
+// Drop this allow when that branch lands.
+#[allow(clippy::manual_is_multiple_of)]
 mod bert;
 pub mod catalog;
 mod embedded;

@@ -15,8 +15,10 @@ use super::{Encoder, ModelError};
 /// Most elements of one block of attention scores (heads × queries × keys): 8 Mi f32 is 32 MiB, so the
 /// few temporaries of a block stay around 100 MiB however long the sequence.
 const SCORE_BLOCK_ELEMENTS: usize = 8 << 20;
-/// Most tokens run through the layers at once; bounds the MLP activations of a large batch of long inputs.
+/// Most tokens run through the layers at once; bounds the activations of a large batch of long inputs.
 const TOKENS_PER_PASS: usize = 16_384;
+/// Most tokens through the MLP at once: its four [tokens, inner] temporaries are 96 MiB at 768 wide.
+const MLP_ROWS: usize = 2048;
 
 /// The hyper-parameters read from config.json, with every setting this implementation does not cover
 /// refused at load rather than silently computed differently.
@@ -225,8 +227,18 @@ impl Layer {
         let xs = self
             .norm1
             .forward(&(self.out_proj.forward(&context)? + xs)?)?;
-        let gated = (self.fc11.forward(&xs)? * self.fc12.forward(&xs)?.silu()?)?;
-        self.norm2.forward(&(self.fc2.forward(&gated)? + xs)?)
+        let tokens = xs.dim(0)?;
+        let chunks = (0..tokens)
+            .step_by(MLP_ROWS)
+            .map(|first| self.mlp(&xs.narrow(0, first, MLP_ROWS.min(tokens - first))?))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        self.norm2.forward(&(Tensor::cat(&chunks, 0)? + xs)?)
+    }
+
+    /// SwiGLU: `fc2(fc11(x) * silu(fc12(x)))`.
+    fn mlp(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let gated = (self.fc11.forward(xs)? * self.fc12.forward(xs)?.silu()?)?;
+        self.fc2.forward(&gated)
     }
 }
 
