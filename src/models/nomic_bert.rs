@@ -12,9 +12,10 @@ use serde_json::Value;
 use super::pooling;
 use super::{Encoder, ModelError};
 
-/// Most elements of one block of attention scores (heads × queries × keys): 8 Mi f32 is 32 MiB, so the
-/// few temporaries of a block stay around 100 MiB however long the sequence.
-const SCORE_BLOCK_ELEMENTS: usize = 8 << 20;
+/// Most elements of one block of attention scores (heads × queries × keys): 2 Mi f32 is 8 MiB, so the
+/// few temporaries of a block stay around 25 MiB however long the sequence, and the allocator reuses them
+/// instead of mapping fresh pages for each block (larger blocks cost more system time, no less user time).
+const SCORE_BLOCK_ELEMENTS: usize = 2 << 20;
 /// Most tokens run through the layers at once; bounds the activations of a large batch of long inputs.
 const TOKENS_PER_PASS: usize = 16_384;
 /// Most tokens through the MLP at once: its four [tokens, inner] temporaries are 96 MiB at 768 wide.
@@ -242,8 +243,10 @@ impl Layer {
     }
 }
 
-/// Self-attention of one sequence: `qkv` [len, 3·hidden] in, context [len, hidden] out. Queries go in
-/// blocks small enough that a block's scores stay under [`SCORE_BLOCK_ELEMENTS`].
+/// Self-attention of one sequence: `qkv` [len, 3·hidden] in, context [len, hidden] out. A short sequence
+/// takes all heads in one product; a long one goes head by head, in blocks of queries small enough that
+/// a block's scores stay under [`SCORE_BLOCK_ELEMENTS`]. Head by head, each block is as tall as the budget
+/// allows, so the keys are packed for the matrix product once per block rather than once per head and block.
 fn attend(qkv: &Tensor, c: &Config, rotary: &Rotary) -> candle_core::Result<Tensor> {
     let len = qkv.dim(0)?;
     let head_dim = c.head_dim();
@@ -256,17 +259,26 @@ fn attend(qkv: &Tensor, c: &Config, rotary: &Rotary) -> candle_core::Result<Tens
     };
     let scale = 1.0 / (head_dim as f64).sqrt();
     let q = (rotary.apply(&part(0)?)? * scale)?;
-    let k_t = rotary.apply(&part(1)?)?.t()?;
+    let k = rotary.apply(&part(1)?)?;
     let v = part(2)?;
-    let block = (SCORE_BLOCK_ELEMENTS / (c.heads * len)).clamp(1, len);
-    let mut blocks = Vec::with_capacity(len.div_ceil(block));
-    for first in (0..len).step_by(block) {
-        let rows = block.min(len - first);
-        let scores = q.narrow(1, first, rows)?.matmul(&k_t)?;
-        let context = ops::softmax_last_dim(&scores)?.matmul(&v)?;
-        blocks.push(context.transpose(0, 1)?.reshape((rows, c.hidden))?);
+    let weighted =
+        |q: &Tensor, k: &Tensor, v: &Tensor| ops::softmax_last_dim(&q.matmul(&k.t()?)?)?.matmul(v);
+    if c.heads * len * len <= SCORE_BLOCK_ELEMENTS {
+        return weighted(&q, &k, &v)?
+            .transpose(0, 1)?
+            .reshape((len, c.hidden));
     }
-    Tensor::cat(&blocks, 0)
+    let block = (SCORE_BLOCK_ELEMENTS / len).clamp(1, len);
+    let mut heads = Vec::with_capacity(c.heads);
+    for head in 0..c.heads {
+        let (q, k, v) = (q.get(head)?, k.get(head)?, v.get(head)?);
+        let blocks = (0..len)
+            .step_by(block)
+            .map(|first| weighted(&q.narrow(0, first, block.min(len - first))?, &k, &v))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        heads.push(Tensor::cat(&blocks, 0)?);
+    }
+    Tensor::cat(&heads, 1)
 }
 
 pub struct NomicBert {
