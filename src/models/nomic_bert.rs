@@ -389,3 +389,72 @@ impl Encoder for NomicBert {
         Ok(pooled)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture_config() -> Value {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../shared/reference/nomic-tiny/config.json"
+        );
+        let text = std::fs::read_to_string(path)
+            .unwrap_or_else(|e| panic!("the shared nomic-tiny fixture is missing: {path}: {e}"));
+        serde_json::from_str(&text).unwrap()
+    }
+
+    #[test]
+    fn reads_the_fixture_config() {
+        let c = Config::parse(&fixture_config()).unwrap();
+        assert_eq!((c.hidden, c.heads, c.layers, c.inner), (64, 4, 2, 256));
+        assert_eq!((c.max_positions, c.vocab, c.type_vocab), (8192, 30528, 2));
+        assert_eq!((c.eps, c.rotary_base), (1e-12, 1000.0));
+    }
+
+    #[test]
+    fn rounds_n_inner_up_and_pads_the_vocabulary_as_nomic_does() {
+        let mut config = fixture_config();
+        config["n_inner"] = 200.into();
+        config["vocab_size"] = 30522.into();
+        let c = Config::parse(&config).unwrap();
+        assert_eq!((c.inner, c.vocab), (256, 30528));
+    }
+
+    #[test]
+    fn refuses_settings_it_would_compute_differently() {
+        let refused: [(&str, Value); 8] = [
+            ("activation_function", "gelu".into()),
+            ("prenorm", true.into()),
+            ("rotary_emb_fraction", 0.5.into()),
+            ("rotary_emb_interleaved", true.into()),
+            ("rotary_scaling_factor", 2.0.into()),
+            ("qkv_proj_bias", true.into()),
+            ("mlp_fc1_bias", true.into()),
+            ("use_rms_norm", true.into()),
+        ];
+        for (key, value) in refused {
+            let mut config = fixture_config();
+            config[key] = value;
+            let error = Config::parse(&config).err().map(|e| e.message);
+            assert!(
+                error.as_deref().is_some_and(|m| m.contains(key)),
+                "{key}: {error:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn rotary_angles_are_f32_products_like_the_reference() {
+        let c = Config::parse(&fixture_config()).unwrap();
+        let rotary = Rotary::new(&c).unwrap();
+        let cos = rotary.cos.to_vec2::<f32>().unwrap();
+        let sin = rotary.sin.to_vec2::<f32>().unwrap();
+        // inv_freq[0] is 1, so column 0 holds cos and sin of the position itself.
+        assert_eq!(cos[1500][0], (1500f64).cos() as f32);
+        assert_eq!(sin[1500][0], (1500f64).sin() as f32);
+        // The last frequency is 1000^(-14/16).
+        let f = (1.0 / 1000f64.powf(14.0 / 16.0)) as f32;
+        assert_eq!(cos[700][7], f64::from(700f32 * f).cos() as f32);
+    }
+}
