@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -369,7 +370,9 @@ fn real_weights_when_present() {
             match std::env::var_os("EMBEDDING_SERVER_MODELS_DIR") {
                 Some(dir) if Source::Dir(dir.clone().into()).has(spec) => Source::Dir(dir.into()),
                 _ => {
-                    println!(
+                    // Straight to stderr, past the test harness's capture, so a normal run shows the skip.
+                    let _ = writeln!(
+                        std::io::stderr(),
                         "SKIPPED: {name} real weights: not embedded in this build and not in \
                          $EMBEDDING_SERVER_MODELS_DIR/{name}/"
                     );
