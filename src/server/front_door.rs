@@ -205,11 +205,11 @@ impl FrontDoor {
                 && !matches!(framer.phase, Phase::Head { started: Some(_) })
                 && !matches!(framer.phase, Phase::Body { .. } | Phase::Chunked { .. });
             let idle = !answering && last_activity.elapsed() >= c.idle_timeout;
-            // Draining: a kept-alive connection with nothing in progress is closed now rather than left for
-            // a request that would meet the process's exit.
+            // Draining: a kept-alive connection with nothing in progress is closed after a second of quiet,
+            // rather than left for a request that would meet the process's exit.
             let drained = between_requests
                 && self.closing.load(Ordering::SeqCst)
-                && last_activity.elapsed() >= Duration::from_millis(100);
+                && last_activity.elapsed() >= Duration::from_secs(1);
             if too_slow || idle || drained {
                 // Closing our side of tiny_http's connection ends a half-read body with EOF, so the worker
                 // answers (400) instead of waiting; the answer still reaches the client.
