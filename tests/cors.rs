@@ -73,3 +73,25 @@ fn a_wildcard_origin_needs_no_vary() {
     assert_eq!(health.header("access-control-allow-origin"), Some("*"));
     assert_eq!(health.header("vary"), None);
 }
+
+#[test]
+fn preflights_need_no_api_key_and_refusals_carry_the_origin() {
+    let server = Server::start(&["--cors-allow-origin", ORIGIN, "--api-key", "secret"]);
+    // Browsers send preflights without credentials; refusing them would block every cross-origin call.
+    let preflight = server.raw_request("OPTIONS", "/v1/embeddings", &[("Origin", ORIGIN)], b"");
+    assert_eq!(preflight.status, 204, "{}", preflight.text());
+    let refused = server.post("/v1/embeddings", &json!({"input": "hello"}));
+    assert_eq!(refused.status, 401, "{}", refused.text());
+    assert_eq!(refused.header("access-control-allow-origin"), Some(ORIGIN));
+    let allowed = server.raw_request(
+        "POST",
+        "/v1/embeddings",
+        &[
+            ("Content-Type", "application/json"),
+            ("Authorization", "Bearer secret"),
+        ],
+        br#"{"input": "hello"}"#,
+    );
+    assert_eq!(allowed.status, 200, "{}", allowed.text());
+    assert_eq!(allowed.header("access-control-allow-origin"), Some(ORIGIN));
+}

@@ -1,6 +1,6 @@
 //! The service manager's notify protocol, against a fake `$NOTIFY_SOCKET`: READY=1 only once the server
-//! accepts connections, WATCHDOG=1 at half of `$WATCHDOG_USEC`, abstract socket names, and silence towards
-//! a watchdog meant for another process.
+//! accepts connections, WATCHDOG=1 at half of `$WATCHDOG_USEC`, STOPPING=1 when SIGTERM starts the drain,
+//! abstract socket names, and silence towards a watchdog meant for another process.
 
 mod common;
 
@@ -167,4 +167,13 @@ fn no_notify_socket_means_no_notification_and_no_complaint() {
         "{}",
         server.stderr.lock().unwrap()
     );
+}
+
+#[test]
+fn stopping_is_sent_when_the_drain_begins() {
+    let manager = FakeManager::at_path("stopping");
+    let server = Server::start_with_env(&[], &[("NOTIFY_SOCKET", &manager.address)]);
+    manager.expect_line("READY=1", Duration::from_secs(30));
+    server.signal("TERM");
+    manager.expect_line("STOPPING=1", Duration::from_secs(30));
 }

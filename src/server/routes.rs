@@ -6,7 +6,7 @@ use std::panic::AssertUnwindSafe;
 use std::time::Instant;
 
 use super::api::{self, Api, EmbedRequest};
-use super::errors::ApiError;
+use super::errors::{excerpt, ApiError};
 use super::queue::QueueError;
 use super::App;
 use crate::models::{ErrorKind, Tokens};
@@ -56,69 +56,71 @@ impl Outgoing {
 
 /// Answers one request; never panics (a panicking handler becomes a 500).
 pub fn handle(app: &App, request: &Incoming) -> Outgoing {
-    let origin = app.cors_allow_origin.as_deref();
-    if let (Some(origin), "OPTIONS") = (origin, request.method) {
-        return cors_preflight(origin);
-    }
-    let outgoing = handle_uncaught(app, request);
-    match origin {
-        Some(origin) => with_cors(origin, outgoing),
-        None => outgoing,
+    contain_panics(
+        request,
+        || app.metrics.record_panic(),
+        || route(app, request),
+    )
+}
+
+/// Whether `method` is a CORS preflight this server answers: only with `--cors-allow-origin`. Browsers send
+/// preflights without credentials, so they are answered before authentication counts.
+pub fn is_cors_preflight(app: &App, method: &str) -> bool {
+    app.cors_allow_origin.is_some() && method == "OPTIONS"
+}
+
+/// The answer to a CORS preflight: which methods and headers a cross-origin request may use.
+pub fn cors_preflight() -> Outgoing {
+    Outgoing {
+        status: 204,
+        headers: vec![
+            (
+                "Access-Control-Allow-Methods",
+                "GET, POST, OPTIONS".to_string(),
+            ),
+            (
+                "Access-Control-Allow-Headers",
+                "Content-Type, Authorization".to_string(),
+            ),
+            ("Access-Control-Max-Age", "86400".to_string()),
+        ],
+        ..Outgoing::json(String::new())
     }
 }
 
-/// The answer to a browser's CORS preflight: which methods and headers a cross-origin request may use.
-fn cors_preflight(origin: &str) -> Outgoing {
-    let mut outgoing = with_cors(origin, Outgoing::json(String::new()));
-    outgoing.status = 204;
-    outgoing.headers.extend([
-        (
-            "Access-Control-Allow-Methods",
-            "GET, POST, OPTIONS".to_string(),
-        ),
-        (
-            "Access-Control-Allow-Headers",
-            "Content-Type, Authorization".to_string(),
-        ),
-        ("Access-Control-Max-Age", "86400".to_string()),
-    ]);
-    outgoing
-}
-
-fn with_cors(origin: &str, mut outgoing: Outgoing) -> Outgoing {
-    outgoing
-        .headers
-        .push(("Access-Control-Allow-Origin", origin.to_string()));
-    // A cache must not hand one origin's answer to another when the allowed origin is not a wildcard.
-    if origin != "*" {
-        outgoing.headers.push(("Vary", "Origin".to_string()));
+/// Adds the CORS headers `--cors-allow-origin` asks for to any answer, errors included (a browser hides
+/// an error's body from the page otherwise).
+pub fn with_cors(app: &App, mut outgoing: Outgoing) -> Outgoing {
+    if let Some(origin) = &app.cors_allow_origin {
+        outgoing
+            .headers
+            .push(("Access-Control-Allow-Origin", origin.clone()));
+        // A cache must not hand one origin's answer to another when the allowed origin is not a wildcard.
+        if origin != "*" {
+            outgoing.headers.push(("Vary", "Origin".to_string()));
+        }
     }
     outgoing
 }
 
-fn handle_uncaught(app: &App, request: &Incoming) -> Outgoing {
-    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| route(app, request)));
-    let outgoing = match outcome {
+fn contain_panics(
+    request: &Incoming,
+    count_panic: impl FnOnce(),
+    handler: impl FnOnce() -> Result<Outgoing, ApiError>,
+) -> Outgoing {
+    match std::panic::catch_unwind(AssertUnwindSafe(handler)) {
         Ok(Ok(outgoing)) => outgoing,
         Ok(Err(error)) => Outgoing::error(error),
-        Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
+        Err(_) => {
+            // The panic hook has logged the panic itself; this line ties it to the request.
             eprintln!(
-                "error: a handler panicked on {} {}: {what}",
+                "error: the panic above happened handling {} {}",
                 request.method, request.path
             );
-            app.metrics.record_panic();
+            count_panic();
             Outgoing::error(ApiError::internal())
         }
-    };
-    if outgoing.status >= 400 {
-        app.metrics.record_error(outgoing.status);
     }
-    outgoing
 }
 
 fn route(app: &App, request: &Incoming) -> Result<Outgoing, ApiError> {
@@ -134,6 +136,10 @@ fn route(app: &App, request: &Incoming) -> Result<Outgoing, ApiError> {
     match path {
         "/health" => {
             allow("GET", method == "GET")?;
+            if app.lifecycle.draining() {
+                // Load balancers take this as the signal to stop sending here.
+                return Err(ApiError::unavailable("The server is shutting down."));
+            }
             Ok(Outgoing::json(r#"{"status":"ok"}"#.into()))
         }
         "/metrics" | "/metrics/" => {
@@ -179,16 +185,20 @@ fn embed(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiError> 
 }
 
 fn embed_inner(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiError> {
-    if let Some(content_type) = request.content_type {
-        let media = content_type
-            .split(';')
+    let media = request.content_type.map(|c| {
+        c.split(';')
             .next()
             .unwrap_or("")
             .trim()
-            .to_ascii_lowercase();
-        if media != "application/json" && !media.ends_with("+json") {
-            return Err(ApiError::unsupported_media_type(content_type));
-        }
+            .to_ascii_lowercase()
+    });
+    if !media
+        .as_deref()
+        .is_some_and(|m| m == "application/json" || m.ends_with("+json"))
+    {
+        return Err(ApiError::unsupported_media_type(
+            request.content_type.unwrap_or(""),
+        ));
     }
     let body = api::parse_embed_request(request.body)?;
     let EmbedRequest {
@@ -242,7 +252,8 @@ fn embed_inner(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiE
             ApiError::invalid_param(
                 "task",
                 format!(
-                    "Unknown task {task:?}; {} knows: {}.",
+                    "Unknown task {:?}; {} knows: {}.",
+                    excerpt(task),
                     spec.name,
                     tasks.join(", ")
                 ),
@@ -324,4 +335,27 @@ fn embed_inner(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiE
         tokens: total,
         ..Outgoing::json(body)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_handler_becomes_one_counted_500() {
+        let request = Incoming {
+            method: "POST",
+            path: "/v1/embeddings",
+            content_type: None,
+            body: b"",
+        };
+        let mut counted = 0;
+        let outgoing = contain_panics(&request, || counted += 1, || panic!("boom"));
+        assert_eq!((outgoing.status, counted), (500, 1));
+        assert!(
+            !outgoing.body.contains("boom"),
+            "internals stay in the log: {}",
+            outgoing.body
+        );
+    }
 }
