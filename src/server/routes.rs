@@ -166,11 +166,7 @@ fn route(app: &App, request: &Incoming) -> Result<Outgoing, ApiError> {
                 allow("GET", method == "GET")?;
                 let queue = app.queue(id)?;
                 let model = queue.model();
-                Ok(Outgoing::json(api::model_card(
-                    model.spec,
-                    model.max_tokens(),
-                    app.started,
-                )))
+                Ok(Outgoing::json(api::model_card(model, app.started)))
             }
             None => Err(ApiError::not_found(path)),
         },
@@ -225,10 +221,10 @@ fn embed_inner(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiE
         ));
     }
     let dims = match dimensions {
-        None => spec.dims,
-        Some(d) if spec.allowed_dims().contains(&d) => d,
+        None => model.dims(),
+        Some(d) if model.allowed_dims().contains(&d) => d,
         Some(d) => {
-            let allowed: Vec<String> = spec.allowed_dims().iter().map(usize::to_string).collect();
+            let allowed: Vec<String> = model.allowed_dims().iter().map(usize::to_string).collect();
             return Err(ApiError::invalid_param(
                 "dimensions",
                 format!(
