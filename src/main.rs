@@ -1,12 +1,12 @@
 //! embedding-server: sentence embeddings over HTTP from one self-contained binary.
 
 use embedding_server::cli::{self, Command};
+use embedding_server::{commands, models, server};
 
 /// The static (musl) build swaps musl's allocator, which is slow under many threads, for mimalloc.
 #[cfg(target_env = "musl")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use embedding_server::{commands, models, server};
 
 fn main() {
     let result = match cli::parse(std::env::args_os().skip(1)) {
