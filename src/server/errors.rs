@@ -3,6 +3,18 @@
 
 use serde_json::json;
 
+/// The most characters of client data an error message repeats: enough to recognise it, too few to turn
+/// an error into an echo of a whole input.
+const EXCERPT_CHARS: usize = 64;
+
+/// Client data as an error message may quote it: at most [`EXCERPT_CHARS`] characters, then `…`.
+pub fn excerpt(text: &str) -> String {
+    match text.char_indices().nth(EXCERPT_CHARS) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_string(),
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ApiError {
     pub status: u16,
@@ -48,7 +60,8 @@ impl ApiError {
                 404,
                 "invalid_request_error",
                 format!(
-                    "The model `{model}` does not exist. Available models: {}.",
+                    "The model `{}` does not exist. Available models: {}.",
+                    excerpt(model),
                     available.join(", ")
                 ),
             )
@@ -61,7 +74,7 @@ impl ApiError {
             ..ApiError::new(
                 404,
                 "invalid_request_error",
-                format!("No route for {path}."),
+                format!("No route for {}.", excerpt(path)),
             )
         }
     }
@@ -73,7 +86,10 @@ impl ApiError {
             ..ApiError::new(
                 405,
                 "invalid_request_error",
-                format!("Method {method} is not allowed here; use {allowed}."),
+                format!(
+                    "Method {} is not allowed here; use {allowed}.",
+                    excerpt(method)
+                ),
             )
         }
     }
@@ -95,7 +111,10 @@ impl ApiError {
             ..ApiError::new(
                 415,
                 "invalid_request_error",
-                format!("The body must be JSON (Content-Type: application/json), not {found:?}."),
+                format!(
+                    "The body must be JSON (Content-Type: application/json), not {:?}.",
+                    excerpt(found)
+                ),
             )
         }
     }
@@ -144,5 +163,36 @@ impl ApiError {
     pub fn body(&self) -> String {
         json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
             .to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn excerpts_keep_short_text_and_cut_long_text_on_a_character_boundary() {
+        assert_eq!(excerpt("all-MiniLM-L6-v2"), "all-MiniLM-L6-v2");
+        let exact = "x".repeat(EXCERPT_CHARS);
+        assert_eq!(excerpt(&exact), exact);
+        let long = "é".repeat(10_000);
+        let cut = excerpt(&long);
+        assert_eq!(cut.chars().count(), EXCERPT_CHARS + 1);
+        assert!(cut.ends_with('…'));
+    }
+
+    #[test]
+    fn every_message_that_quotes_the_client_quotes_an_excerpt() {
+        let long = "A".repeat(5_000);
+        let messages = [
+            ApiError::model_not_found(&long, &["all-MiniLM-L6-v2"]).message,
+            ApiError::not_found(&long).message,
+            ApiError::method_not_allowed(&long, "GET").message,
+            ApiError::unsupported_media_type(&long).message,
+        ];
+        for message in messages {
+            assert!(message.len() < 300, "{message}");
+            assert!(message.contains(&format!("{}…", "A".repeat(EXCERPT_CHARS))));
+        }
     }
 }

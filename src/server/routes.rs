@@ -6,10 +6,13 @@ use std::panic::AssertUnwindSafe;
 use std::time::Instant;
 
 use super::api::{self, Api, EmbedRequest};
-use super::errors::ApiError;
+use super::errors::{excerpt, ApiError};
 use super::queue::QueueError;
 use super::App;
 use crate::models::{ErrorKind, Tokens};
+
+/// The API's OpenAPI 3.1 document, written by hand and kept true by tests/openapi.rs.
+const OPENAPI: &str = include_str!("../../assets/openapi.json");
 
 /// A request with its body read, as the handlers see it.
 pub struct Incoming<'a> {
@@ -91,6 +94,10 @@ fn route(app: &App, request: &Incoming) -> Result<Outgoing, ApiError> {
         }
     };
     match path {
+        "/openapi.json" => {
+            allow("GET", method == "GET")?;
+            Ok(Outgoing::json(OPENAPI.into()))
+        }
         "/health" => {
             allow("GET", method == "GET")?;
             Ok(Outgoing::json(r#"{"status":"ok"}"#.into()))
@@ -114,7 +121,8 @@ fn route(app: &App, request: &Incoming) -> Result<Outgoing, ApiError> {
             allow("POST", method == "POST")?;
             embed(app, Api::OpenAi, request)
         }
-        _ => match path.strip_prefix("/v1/models/") {
+        // A model name is one path segment, as the document's `/v1/models/{id}` says.
+        _ => match path.strip_prefix("/v1/models/").filter(|id| !id.contains('/')) {
             Some(id) => {
                 allow("GET", method == "GET")?;
                 let queue = app.queue(id)?;
@@ -201,7 +209,8 @@ fn embed_inner(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiE
             ApiError::invalid_param(
                 "task",
                 format!(
-                    "Unknown task {task:?}; {} knows: {}.",
+                    "Unknown task {:?}; {} knows: {}.",
+                    excerpt(task),
                     spec.name,
                     tasks.join(", ")
                 ),
