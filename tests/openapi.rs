@@ -36,7 +36,9 @@ fn document() -> &'static Value {
         let written: Value = serde_json::from_str(&text).expect("assets/openapi.json is not JSON");
         assert_eq!(served, written, "the served document differs from the file");
         assert!(
-            served["openapi"].as_str().is_some_and(|v| v.starts_with("3.1.")),
+            served["openapi"]
+                .as_str()
+                .is_some_and(|v| v.starts_with("3.1.")),
             "an OpenAPI 3.1 document"
         );
         served
@@ -71,8 +73,10 @@ fn operations(doc: &Value) -> Vec<(String, Vec<(String, &Value)>)> {
                 .unwrap()
                 .iter()
                 .filter(|(key, _)| {
-                    ["get", "put", "post", "delete", "options", "head", "patch", "trace"]
-                        .contains(&key.as_str())
+                    [
+                        "get", "put", "post", "delete", "options", "head", "patch", "trace",
+                    ]
+                    .contains(&key.as_str())
                 })
                 .map(|(key, op)| (key.to_ascii_uppercase(), op))
                 .collect();
@@ -145,7 +149,12 @@ fn check_operation_response(doc: &Value, path: &str, method: &str, response: &Re
                 response.text()
             )
         });
-    check_response(doc, documented, response, &format!("{method} {path} {status}"));
+    check_response(
+        doc,
+        documented,
+        response,
+        &format!("{method} {path} {status}"),
+    );
 }
 
 fn request_schema<'a>(doc: &'a Value, path: &str, method: &str) -> &'a Value {
@@ -173,14 +182,18 @@ fn type_matches(name: &str, value: &Value) -> bool {
         "null" => value.is_null(),
         "number" => value.is_number(),
         // JSON Schema: 3.0 is an integer too.
-        "integer" => value.is_u64() || value.is_i64() || value.as_f64().is_some_and(|f| f.fract() == 0.0),
+        "integer" => {
+            value.is_u64() || value.is_i64() || value.as_f64().is_some_and(|f| f.fract() == 0.0)
+        }
         other => panic!("unknown type {other:?} in the document"),
     }
 }
 
 /// Validates `value` against `schema`; `Err` names the first place that does not fit.
 fn validate(doc: &Value, schema: &Value, value: &Value, at: &str) -> Result<(), String> {
-    let schema = schema.as_object().unwrap_or_else(|| panic!("a schema must be an object, at {at}"));
+    let schema = schema
+        .as_object()
+        .unwrap_or_else(|| panic!("a schema must be an object, at {at}"));
     let fail = |why: String| Err(format!("{at}: {why}"));
     for (keyword, rule) in schema {
         match keyword.as_str() {
@@ -306,7 +319,9 @@ fn validate(doc: &Value, schema: &Value, value: &Value, at: &str) -> Result<(), 
                 }
             }
             other if ANNOTATIONS.contains(&other) => {}
-            other => panic!("the document uses {other:?} at {at}, which this validator does not check"),
+            other => {
+                panic!("the document uses {other:?} at {at}, which this validator does not check")
+            }
         }
     }
     Ok(())
@@ -406,11 +421,18 @@ fn every_route_in_the_router_is_documented() {
         }
         routes += 1;
         let known = documented.iter().any(|path| {
-            path == literal || (literal.ends_with('/') && path.starts_with(literal) && path.contains('{'))
+            path == literal
+                || (literal.ends_with('/') && path.starts_with(literal) && path.contains('{'))
         });
-        assert!(known, "the router answers {literal}, which /openapi.json does not document");
+        assert!(
+            known,
+            "the router answers {literal}, which /openapi.json does not document"
+        );
     }
-    assert!(routes >= 10, "found only {routes} routes in routes.rs; has the router moved?");
+    assert!(
+        routes >= 10,
+        "found only {routes} routes in routes.rs; has the router moved?"
+    );
 }
 
 /// The string literals of Rust source (plain and raw), skipping comments and character literals.
@@ -433,10 +455,14 @@ fn string_literals(source: &str) -> Vec<String> {
                 }
                 i += 1;
             }
-            'r' if matches!(chars.get(i + 1), Some('#' | '"')) && (i == 0 || !chars[i - 1].is_alphanumeric()) => {
+            'r' if matches!(chars.get(i + 1), Some('#' | '"'))
+                && (i == 0 || !chars[i - 1].is_alphanumeric()) =>
+            {
                 let hashes = chars[i + 1..].iter().take_while(|&&c| c == '#').count();
                 let start = i + 2 + hashes;
-                let closing: Vec<char> = std::iter::once('"').chain(std::iter::repeat('#').take(hashes)).collect();
+                let closing: Vec<char> = std::iter::once('"')
+                    .chain(std::iter::repeat('#').take(hashes))
+                    .collect();
                 let mut end = start;
                 while end < chars.len() && !chars[end..].starts_with(&closing) {
                     end += 1;
@@ -468,10 +494,17 @@ fn paths_the_document_does_not_list_get_404() {
     let doc = document();
     let documented: Vec<String> = operations(doc).into_iter().map(|(p, _)| p).collect();
     let is_documented = |path: &str| documented.iter().any(|t| matches_template(t, path));
-    let mut near_misses: Vec<String> = ["/", "/v1", "/v1/", "/v2/embeddings", "/docs", "/openapi.yaml"]
-        .iter()
-        .map(|p| p.to_string())
-        .collect();
+    let mut near_misses: Vec<String> = [
+        "/",
+        "/v1",
+        "/v1/",
+        "/v2/embeddings",
+        "/docs",
+        "/openapi.yaml",
+    ]
+    .iter()
+    .map(|p| p.to_string())
+    .collect();
     for path in &documented {
         let concrete = path.replace("{id}", MODEL);
         near_misses.push(match concrete.strip_suffix('/') {
@@ -511,7 +544,10 @@ fn request_schema_accepts_what_the_server_takes_and_refuses_what_it_refuses() {
         json!({"input": "unknown fields are ignored", "extra": {"anything": [1]}}),
     ];
     for body in taken {
-        assert!(validate(doc, schema, &body, "$").is_ok(), "the schema refuses {body}");
+        assert!(
+            validate(doc, schema, &body, "$").is_ok(),
+            "the schema refuses {body}"
+        );
         let response = server().post(path, &body);
         assert_eq!(response.status, 200, "{body}: {}", response.text());
         check_operation_response(doc, path, "POST", &response);
@@ -543,7 +579,10 @@ fn request_schema_accepts_what_the_server_takes_and_refuses_what_it_refuses() {
         json!({"input": "a", "user": 5}),
     ];
     for body in refused {
-        assert!(validate(doc, schema, &body, "$").is_err(), "the schema takes {body}");
+        assert!(
+            validate(doc, schema, &body, "$").is_err(),
+            "the schema takes {body}"
+        );
         let response = server().post(path, &body);
         assert_eq!(response.status, 400, "{body}: {}", response.text());
         check_operation_response(doc, path, "POST", &response);
@@ -584,7 +623,12 @@ fn every_error_the_server_can_be_made_to_give_fits_the_document() {
     }
     // 415.
     for (method, path) in [("POST", "/v1/embeddings"), ("GET", "/v1/encode")] {
-        let response = s.raw_request(method, path, &[("Content-Type", "text/plain")], b"{\"input\": \"a\"}");
+        let response = s.raw_request(
+            method,
+            path,
+            &[("Content-Type", "text/plain")],
+            b"{\"input\": \"a\"}",
+        );
         assert_eq!(response.status, 415, "{method} {path}: {}", response.text());
         check_operation_response(doc, path, method, &response);
     }
@@ -650,7 +694,9 @@ fn a_full_queue_gets_the_documented_429() {
 #[test]
 fn the_validator_refuses_bodies_that_do_not_fit() {
     let doc = document();
-    let ok = server().post("/v1/embeddings", &json!({"input": ["a", "b"]})).json();
+    let ok = server()
+        .post("/v1/embeddings", &json!({"input": ["a", "b"]}))
+        .json();
     let schema = json!({"$ref": "#/components/schemas/EmbeddingList"});
     validate(doc, &schema, &ok, "$").expect("a real response fits");
     let mutations: [(&str, fn(&mut Value)); 7] = [
@@ -658,8 +704,12 @@ fn the_validator_refuses_bodies_that_do_not_fit() {
             v.as_object_mut().unwrap().remove("usage");
         }),
         ("an extra field", |v| v["extra"] = json!(1)),
-        ("a number for an embedding", |v| v["data"][0]["embedding"] = json!(1.0)),
-        ("a string in the floats", |v| v["data"][1]["embedding"][3] = json!("x")),
+        ("a number for an embedding", |v| {
+            v["data"][0]["embedding"] = json!(1.0)
+        }),
+        ("a string in the floats", |v| {
+            v["data"][1]["embedding"][3] = json!("x")
+        }),
         ("a wrong object", |v| v["object"] = json!("embedding")),
         ("a negative index", |v| v["data"][0]["index"] = json!(-1)),
         ("no data", |v| v["data"] = json!([])),

@@ -331,7 +331,11 @@ mod tests {
             r#"{"input":[1e300]}"#,
             r#"{"input":"a","dimensions":2.5}"#,
         ] {
-            assert_eq!(parse_embed_request(bad.as_bytes()).unwrap_err().status, 400, "{bad}");
+            assert_eq!(
+                parse_embed_request(bad.as_bytes()).unwrap_err().status,
+                400,
+                "{bad}"
+            );
         }
     }
 
@@ -345,7 +349,10 @@ mod tests {
 
     #[test]
     fn an_unknown_encoding_is_quoted_only_in_part() {
-        let body = format!(r#"{{"input":"a","encoding_format":"{}"}}"#, "z".repeat(10_000));
+        let body = format!(
+            r#"{{"input":"a","encoding_format":"{}"}}"#,
+            "z".repeat(10_000)
+        );
         let error = parse_embed_request(body.as_bytes()).unwrap_err();
         assert!(error.message.len() < 200, "{}", error.message);
     }

@@ -71,7 +71,8 @@ pub fn handle(app: &App, request: &Incoming) -> Outgoing {
                 .unwrap_or_else(|| "unknown panic".into());
             eprintln!(
                 "error: a handler panicked on {} {}: {what}",
-                request.method, request.path
+                excerpt(request.method),
+                excerpt(request.path)
             );
             app.metrics.record_panic();
             Outgoing::error(ApiError::internal())
@@ -122,7 +123,10 @@ fn route(app: &App, request: &Incoming) -> Result<Outgoing, ApiError> {
             embed(app, Api::OpenAi, request)
         }
         // A model name is one path segment, as the document's `/v1/models/{id}` says.
-        _ => match path.strip_prefix("/v1/models/").filter(|id| !id.contains('/')) {
+        _ => match path
+            .strip_prefix("/v1/models/")
+            .filter(|id| !id.contains('/'))
+        {
             Some(id) => {
                 allow("GET", method == "GET")?;
                 let queue = app.queue(id)?;
