@@ -461,7 +461,7 @@ fn string_literals(source: &str) -> Vec<String> {
                 let hashes = chars[i + 1..].iter().take_while(|&&c| c == '#').count();
                 let start = i + 2 + hashes;
                 let closing: Vec<char> = std::iter::once('"')
-                    .chain(std::iter::repeat('#').take(hashes))
+                    .chain(std::iter::repeat_n('#', hashes))
                     .collect();
                 let mut end = start;
                 while end < chars.len() && !chars[end..].starts_with(&closing) {
@@ -657,7 +657,7 @@ fn a_full_queue_gets_the_documented_429() {
         "600",
     ]);
     let long: Vec<u32> = std::iter::once(101)
-        .chain(std::iter::repeat(2023).take(126))
+        .chain(std::iter::repeat_n(2023, 126))
         .chain(std::iter::once(102))
         .collect();
     let heavy = json!({"input": vec![long; 32]});
@@ -699,7 +699,8 @@ fn the_validator_refuses_bodies_that_do_not_fit() {
         .json();
     let schema = json!({"$ref": "#/components/schemas/EmbeddingList"});
     validate(doc, &schema, &ok, "$").expect("a real response fits");
-    let mutations: [(&str, fn(&mut Value)); 7] = [
+    type Mutation = (&'static str, fn(&mut Value));
+    let mutations: [Mutation; 7] = [
         ("no usage", |v| {
             v.as_object_mut().unwrap().remove("usage");
         }),

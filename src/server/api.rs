@@ -68,7 +68,7 @@ pub fn parse_embed_request(body: &[u8]) -> Result<EmbedRequest, ApiError> {
                 return Err(ApiError::invalid_param(
                     "encoding_format",
                     format!(
-                        "encoding_format must be \"float\" or \"base64\", not {:?}.",
+                        "encoding_format must be \"float\" or \"base64\", not `{}`.",
                         excerpt(other)
                     ),
                 ))
@@ -349,11 +349,14 @@ mod tests {
 
     #[test]
     fn an_unknown_encoding_is_quoted_only_in_part() {
-        let body = format!(
-            r#"{{"input":"a","encoding_format":"{}"}}"#,
-            "z".repeat(10_000)
-        );
-        let error = parse_embed_request(body.as_bytes()).unwrap_err();
-        assert!(error.message.len() < 200, "{}", error.message);
+        // Plain letters, control characters and backslashes: none may make the quote long again.
+        for filler in ["z", r"\u007f", r"\\"] {
+            let body = format!(
+                r#"{{"input":"a","encoding_format":"{}"}}"#,
+                filler.repeat(10_000)
+            );
+            let error = parse_embed_request(body.as_bytes()).unwrap_err();
+            assert!(error.message.chars().count() < 150, "{}", error.message);
+        }
     }
 }

@@ -7,12 +7,20 @@ use serde_json::json;
 /// an error into an echo of a whole input.
 const EXCERPT_CHARS: usize = 64;
 
-/// Client data as an error message may quote it: at most [`EXCERPT_CHARS`] characters, then `…`.
+/// Client data as an error message may quote it: at most [`EXCERPT_CHARS`] characters, then `…`, with
+/// control characters shown as `�`. Quote it with Display, not Debug, whose escapes would make each
+/// character up to ten long again.
 pub fn excerpt(text: &str) -> String {
-    match text.char_indices().nth(EXCERPT_CHARS) {
-        Some((cut, _)) => format!("{}…", &text[..cut]),
-        None => text.to_string(),
+    let mut chars = text.chars();
+    let mut quoted: String = chars
+        .by_ref()
+        .take(EXCERPT_CHARS)
+        .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+        .collect();
+    if chars.next().is_some() {
+        quoted.push('…');
     }
+    quoted
 }
 
 #[derive(Debug, Clone)]
@@ -112,7 +120,7 @@ impl ApiError {
                 415,
                 "invalid_request_error",
                 format!(
-                    "The body must be JSON (Content-Type: application/json), not {:?}.",
+                    "The body must be JSON (Content-Type: application/json), not `{}`.",
                     excerpt(found)
                 ),
             )
@@ -179,6 +187,7 @@ mod tests {
         let cut = excerpt(&long);
         assert_eq!(cut.chars().count(), EXCERPT_CHARS + 1);
         assert!(cut.ends_with('…'));
+        assert_eq!(excerpt("a\u{7f}\nb"), "a\u{fffd}\u{fffd}b");
     }
 
     #[test]

@@ -213,7 +213,7 @@ fn embed_inner(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiE
             ApiError::invalid_param(
                 "task",
                 format!(
-                    "Unknown task {:?}; {} knows: {}.",
+                    "Unknown task `{}`; {} knows: {}.",
                     excerpt(task),
                     spec.name,
                     tasks.join(", ")
