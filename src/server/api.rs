@@ -3,7 +3,7 @@
 
 use serde_json::{json, Map, Value};
 
-use super::errors::ApiError;
+use super::errors::{excerpt, ApiError};
 use crate::models::{Input, Model};
 
 /// Which of the two embedding APIs a request came through.
@@ -56,6 +56,8 @@ pub fn parse_embed_request(body: &[u8]) -> Result<EmbedRequest, ApiError> {
             "The body must be a JSON object such as {\"input\": [\"text\"]}.",
         ));
     };
+    // OpenAI's clients send `user`; nothing reads it, but a non-string is as malformed as anywhere else.
+    optional_string(&fields, "user")?;
     Ok(EmbedRequest {
         model: optional_string(&fields, "model")?,
         inputs: parse_inputs(fields.get("input"))?,
@@ -65,14 +67,17 @@ pub fn parse_embed_request(body: &[u8]) -> Result<EmbedRequest, ApiError> {
             Some(other) => {
                 return Err(ApiError::invalid_param(
                     "encoding_format",
-                    format!("encoding_format must be \"float\" or \"base64\", not {other:?}."),
+                    format!(
+                        "encoding_format must be \"float\" or \"base64\", not `{}`.",
+                        excerpt(other)
+                    ),
                 ))
             }
         },
         dimensions: match fields.get("dimensions") {
             None | Some(Value::Null) => None,
             Some(v) => Some(
-                v.as_u64()
+                whole_number(v)
                     .filter(|&d| d > 0)
                     .map(|d| d as usize)
                     .ok_or_else(|| {
@@ -100,6 +105,16 @@ pub fn parse_embed_request(body: &[u8]) -> Result<EmbedRequest, ApiError> {
     })
 }
 
+/// A non-negative integer, also when written as `3.0`: JSON (and JSON Schema) make no difference.
+fn whole_number(value: &Value) -> Option<u64> {
+    value.as_u64().or_else(|| {
+        value
+            .as_f64()
+            .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < u64::MAX as f64)
+            .map(|f| f as u64)
+    })
+}
+
 fn optional_string(fields: &Map<String, Value>, key: &str) -> Result<Option<String>, ApiError> {
     match fields.get(key) {
         None | Some(Value::Null) => Ok(None),
@@ -123,7 +138,7 @@ fn parse_inputs(input: Option<&Value>) -> Result<Vec<Input>, ApiError> {
         items
             .iter()
             .map(|v| {
-                v.as_u64()
+                whole_number(v)
                     .and_then(|id| u32::try_from(id).ok())
                     .ok_or_else(|| {
                         ApiError::invalid_param(
@@ -303,6 +318,46 @@ mod tests {
             "{",
         ] {
             assert_eq!(parse(bad).unwrap_err().status, 400, "{bad}");
+        }
+    }
+
+    #[test]
+    fn whole_numbers_count_as_integers_and_fractions_do_not() {
+        let request = parse_embed_request(br#"{"input":[101.0,102],"dimensions":384.0}"#).unwrap();
+        assert_eq!(request.inputs, vec![Input::Ids(vec![101, 102])]);
+        assert_eq!(request.dimensions, Some(384));
+        for bad in [
+            r#"{"input":[1.5]}"#,
+            r#"{"input":[-1.0]}"#,
+            r#"{"input":[1e300]}"#,
+            r#"{"input":"a","dimensions":2.5}"#,
+        ] {
+            assert_eq!(
+                parse_embed_request(bad.as_bytes()).unwrap_err().status,
+                400,
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn user_must_be_a_string_when_given() {
+        assert!(parse_embed_request(br#"{"input":"a","user":"u"}"#).is_ok());
+        assert!(parse_embed_request(br#"{"input":"a","user":null}"#).is_ok());
+        let error = parse_embed_request(br#"{"input":"a","user":5}"#).unwrap_err();
+        assert_eq!(error.param.as_deref(), Some("user"));
+    }
+
+    #[test]
+    fn an_unknown_encoding_is_quoted_only_in_part() {
+        // Plain letters, control characters and backslashes: none may make the quote long again.
+        for filler in ["z", r"\u007f", r"\\"] {
+            let body = format!(
+                r#"{{"input":"a","encoding_format":"{}"}}"#,
+                filler.repeat(10_000)
+            );
+            let error = parse_embed_request(body.as_bytes()).unwrap_err();
+            assert!(error.message.chars().count() < 150, "{}", error.message);
         }
     }
 }

@@ -3,13 +3,24 @@
 
 use serde_json::json;
 
-/// At most 64 characters of a client's string, for error messages: enough to recognise, never the whole.
+/// The most characters of client data an error message repeats: enough to recognise it, too few to turn
+/// an error into an echo of a whole input.
+const EXCERPT_CHARS: usize = 64;
+
+/// Client data as an error message may quote it: at most [`EXCERPT_CHARS`] characters, then `…`, with
+/// control characters shown as `�`. Quote it with Display, not Debug, whose escapes would make each
+/// character up to ten long again.
 pub fn excerpt(text: &str) -> String {
-    const MAX: usize = 64;
-    match text.char_indices().nth(MAX) {
-        Some((cut, _)) => format!("{}…", &text[..cut]),
-        None => text.to_string(),
+    let mut chars = text.chars();
+    let mut quoted: String = chars
+        .by_ref()
+        .take(EXCERPT_CHARS)
+        .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+        .collect();
+    if chars.next().is_some() {
+        quoted.push('…');
     }
+    quoted
 }
 
 #[derive(Debug, Clone)]
@@ -83,7 +94,10 @@ impl ApiError {
             ..ApiError::new(
                 405,
                 "invalid_request_error",
-                format!("Method {method} is not allowed here; use {allowed}."),
+                format!(
+                    "Method {} is not allowed here; use {allowed}.",
+                    excerpt(method)
+                ),
             )
         }
     }
@@ -123,7 +137,7 @@ impl ApiError {
                     "The body must be JSON, sent with Content-Type: application/json.".to_string()
                 } else {
                     format!(
-                        "The body must be JSON (Content-Type: application/json), not {:?}.",
+                        "The body must be JSON (Content-Type: application/json), not `{}`.",
                         excerpt(found)
                     )
                 },
@@ -183,5 +197,37 @@ impl ApiError {
     pub fn body(&self) -> String {
         json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
             .to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn excerpts_keep_short_text_and_cut_long_text_on_a_character_boundary() {
+        assert_eq!(excerpt("all-MiniLM-L6-v2"), "all-MiniLM-L6-v2");
+        let exact = "x".repeat(EXCERPT_CHARS);
+        assert_eq!(excerpt(&exact), exact);
+        let long = "é".repeat(10_000);
+        let cut = excerpt(&long);
+        assert_eq!(cut.chars().count(), EXCERPT_CHARS + 1);
+        assert!(cut.ends_with('…'));
+        assert_eq!(excerpt("a\u{7f}\nb"), "a\u{fffd}\u{fffd}b");
+    }
+
+    #[test]
+    fn every_message_that_quotes_the_client_quotes_an_excerpt() {
+        let long = "A".repeat(5_000);
+        let messages = [
+            ApiError::model_not_found(&long, &["all-MiniLM-L6-v2"]).message,
+            ApiError::not_found(&long).message,
+            ApiError::method_not_allowed(&long, "GET").message,
+            ApiError::unsupported_media_type(&long).message,
+        ];
+        for message in messages {
+            assert!(message.len() < 300, "{message}");
+            assert!(message.contains(&format!("{}…", "A".repeat(EXCERPT_CHARS))));
+        }
     }
 }

@@ -317,7 +317,7 @@ fn answer(app: &App, mut request: tiny_http::Request) {
     }
     // A client that went away mid-response costs only its own answer.
     let _ = request.respond(response);
-    let shown: String = route_path.chars().take(80).collect();
+    let shown = errors::excerpt(&route_path);
     eprintln!(
         "{method} {shown} {status} inputs={inputs} tokens={tokens} {:.1}ms",
         started.elapsed().as_secs_f64() * 1000.0

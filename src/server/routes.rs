@@ -11,6 +11,9 @@ use super::queue::QueueError;
 use super::App;
 use crate::models::{ErrorKind, Tokens};
 
+/// The API's OpenAPI 3.1 document, written by hand and kept true by tests/openapi.rs.
+const OPENAPI: &str = include_str!("../../assets/openapi.json");
+
 /// A request with its body read, as the handlers see it.
 pub struct Incoming<'a> {
     pub method: &'a str,
@@ -115,7 +118,8 @@ fn contain_panics(
             // The panic hook has logged the panic itself; this line ties it to the request.
             eprintln!(
                 "error: the panic above happened handling {} {}",
-                request.method, request.path
+                excerpt(request.method),
+                excerpt(request.path)
             );
             count_panic();
             Outgoing::error(ApiError::internal())
@@ -134,6 +138,10 @@ fn route(app: &App, request: &Incoming) -> Result<Outgoing, ApiError> {
         }
     };
     match path {
+        "/openapi.json" => {
+            allow("GET", method == "GET")?;
+            Ok(Outgoing::json(OPENAPI.into()))
+        }
         "/health" => {
             allow("GET", method == "GET")?;
             if app.lifecycle.draining() {
@@ -161,7 +169,11 @@ fn route(app: &App, request: &Incoming) -> Result<Outgoing, ApiError> {
             allow("POST", method == "POST")?;
             embed(app, Api::OpenAi, request)
         }
-        _ => match path.strip_prefix("/v1/models/") {
+        // A model name is one path segment, as the document's `/v1/models/{id}` says.
+        _ => match path
+            .strip_prefix("/v1/models/")
+            .filter(|id| !id.contains('/'))
+        {
             Some(id) => {
                 allow("GET", method == "GET")?;
                 let queue = app.queue(id)?;
@@ -248,7 +260,7 @@ fn embed_inner(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiE
             ApiError::invalid_param(
                 "task",
                 format!(
-                    "Unknown task {:?}; {} knows: {}.",
+                    "Unknown task `{}`; {} knows: {}.",
                     excerpt(task),
                     spec.name,
                     tasks.join(", ")

@@ -1,0 +1,742 @@
+//! Keeps `GET /openapi.json` true: every documented path and method answers and every other method gets
+//! 405 naming exactly the documented ones; every route the router knows is documented; and real responses
+//! (successes and each error the server can be made to give) match the document's schemas, checked by a
+//! small validator for the subset of JSON Schema the document uses (it refuses any other keyword, so the
+//! document cannot say what is not checked).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use common::{Response, Server};
+use serde_json::{json, Value};
+
+const METHODS: [&str; 6] = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"];
+const MODEL: &str = "all-MiniLM-L6-v2";
+/// Small enough that a test can send a larger body cheaply.
+const MAX_BODY_BYTES: usize = 65_536;
+
+fn server() -> &'static Server {
+    static SERVER: OnceLock<Server> = OnceLock::new();
+    SERVER.get_or_init(|| Server::start(&["--max-body-bytes", &MAX_BODY_BYTES.to_string()]))
+}
+
+/// The document as the server serves it, checked against the file it is built from.
+fn document() -> &'static Value {
+    static DOCUMENT: OnceLock<Value> = OnceLock::new();
+    DOCUMENT.get_or_init(|| {
+        let served = server().request("GET", "/openapi.json", None);
+        assert_eq!(served.status, 200, "{}", served.text());
+        assert_eq!(served.header("content-type"), Some("application/json"));
+        let served = served.json();
+        let file = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/openapi.json");
+        let text = std::fs::read_to_string(file).expect("assets/openapi.json is missing");
+        let written: Value = serde_json::from_str(&text).expect("assets/openapi.json is not JSON");
+        assert_eq!(served, written, "the served document differs from the file");
+        assert!(
+            served["openapi"]
+                .as_str()
+                .is_some_and(|v| v.starts_with("3.1.")),
+            "an OpenAPI 3.1 document"
+        );
+        served
+    })
+}
+
+// ---- the document -------------------------------------------------------------------------------------
+
+/// Follows a local `$ref` ("#/a/b") inside the document.
+fn resolve<'a>(doc: &'a Value, node: &'a Value) -> &'a Value {
+    let mut node = node;
+    while let Some(reference) = node.get("$ref").and_then(Value::as_str) {
+        let pointer = reference
+            .strip_prefix('#')
+            .unwrap_or_else(|| panic!("only local references: {reference}"));
+        node = doc
+            .pointer(pointer)
+            .unwrap_or_else(|| panic!("dangling reference {reference}"));
+    }
+    node
+}
+
+/// Every documented path with its methods (upper case) and their operations.
+fn operations(doc: &Value) -> Vec<(String, Vec<(String, &Value)>)> {
+    let paths = doc["paths"].as_object().expect("paths");
+    paths
+        .iter()
+        .map(|(path, item)| {
+            let item = resolve(doc, item);
+            let methods = item
+                .as_object()
+                .unwrap()
+                .iter()
+                .filter(|(key, _)| {
+                    [
+                        "get", "put", "post", "delete", "options", "head", "patch", "trace",
+                    ]
+                    .contains(&key.as_str())
+                })
+                .map(|(key, op)| (key.to_ascii_uppercase(), op))
+                .collect();
+            (path.clone(), methods)
+        })
+        .collect()
+}
+
+fn operation<'a>(doc: &'a Value, path: &str, method: &str) -> &'a Value {
+    let item = resolve(doc, &doc["paths"][path]);
+    let op = &item[method.to_ascii_lowercase()];
+    assert!(op.is_object(), "{method} {path} is not documented");
+    op
+}
+
+/// Whether a concrete path matches a documented template (a `{param}` is one non-empty segment).
+fn matches_template(template: &str, path: &str) -> bool {
+    let (t, p): (Vec<&str>, Vec<&str>) = (template.split('/').collect(), path.split('/').collect());
+    t.len() == p.len()
+        && t.iter().zip(&p).all(|(t, p)| {
+            if t.starts_with('{') && t.ends_with('}') {
+                !p.is_empty()
+            } else {
+                t == p
+            }
+        })
+}
+
+/// Checks a response against the documented response for its status: the status is documented, the
+/// content type is one of those documented, the documented headers are there, and the body fits the schema.
+fn check_response(doc: &Value, documented: &Value, response: &Response, what: &str) {
+    let documented = resolve(doc, documented);
+    let media = response
+        .header("content-type")
+        .unwrap_or_else(|| panic!("{what}: no Content-Type"))
+        .split(';')
+        .next()
+        .unwrap()
+        .trim()
+        .to_string();
+    let content = documented["content"]
+        .get(&media)
+        .unwrap_or_else(|| panic!("{what}: {media} is not a documented content type"));
+    if let Some(headers) = documented.get("headers").and_then(Value::as_object) {
+        for name in headers.keys() {
+            assert!(
+                response.header(name).is_some(),
+                "{what}: the documented header {name} is missing"
+            );
+        }
+    }
+    let body = if media == "application/json" {
+        response.json()
+    } else {
+        Value::String(response.text())
+    };
+    if let Err(error) = validate(doc, &content["schema"], &body, "$") {
+        panic!("{what}: the body does not fit the document: {error}\nbody: {body}");
+    }
+}
+
+/// Checks a response to a documented operation.
+fn check_operation_response(doc: &Value, path: &str, method: &str, response: &Response) {
+    let status = response.status.to_string();
+    let documented = operation(doc, path, method)["responses"]
+        .get(&status)
+        .unwrap_or_else(|| {
+            panic!(
+                "{method} {path} answered {status}, which is not documented: {}",
+                response.text()
+            )
+        });
+    check_response(
+        doc,
+        documented,
+        response,
+        &format!("{method} {path} {status}"),
+    );
+}
+
+fn request_schema<'a>(doc: &'a Value, path: &str, method: &str) -> &'a Value {
+    let body = resolve(doc, &operation(doc, path, method)["requestBody"]);
+    &body["content"]["application/json"]["schema"]
+}
+
+// ---- a validator for the subset of JSON Schema the document uses ----------------------------------------
+
+/// Keywords that only annotate.
+const ANNOTATIONS: [&str; 5] = [
+    "description",
+    "title",
+    "examples",
+    "default",
+    "contentEncoding",
+];
+
+fn type_matches(name: &str, value: &Value) -> bool {
+    match name {
+        "object" => value.is_object(),
+        "array" => value.is_array(),
+        "string" => value.is_string(),
+        "boolean" => value.is_boolean(),
+        "null" => value.is_null(),
+        "number" => value.is_number(),
+        // JSON Schema: 3.0 is an integer too.
+        "integer" => {
+            value.is_u64() || value.is_i64() || value.as_f64().is_some_and(|f| f.fract() == 0.0)
+        }
+        other => panic!("unknown type {other:?} in the document"),
+    }
+}
+
+/// Validates `value` against `schema`; `Err` names the first place that does not fit.
+fn validate(doc: &Value, schema: &Value, value: &Value, at: &str) -> Result<(), String> {
+    let schema = schema
+        .as_object()
+        .unwrap_or_else(|| panic!("a schema must be an object, at {at}"));
+    let fail = |why: String| Err(format!("{at}: {why}"));
+    for (keyword, rule) in schema {
+        match keyword.as_str() {
+            "$ref" => validate(doc, resolve(doc, &json!({"$ref": rule})), value, at)?,
+            "type" => {
+                let names: Vec<&str> = match rule {
+                    Value::String(name) => vec![name],
+                    Value::Array(names) => names.iter().map(|n| n.as_str().unwrap()).collect(),
+                    _ => panic!("bad type at {at}"),
+                };
+                if !names.iter().any(|name| type_matches(name, value)) {
+                    return fail(format!("{value} is not of type {rule}"));
+                }
+            }
+            "const" => {
+                if value != rule {
+                    return fail(format!("{value} is not {rule}"));
+                }
+            }
+            "enum" => {
+                if !rule.as_array().unwrap().contains(value) {
+                    return fail(format!("{value} is not one of {rule}"));
+                }
+            }
+            "properties" => {
+                if let Some(fields) = value.as_object() {
+                    for (name, property) in rule.as_object().unwrap() {
+                        if let Some(field) = fields.get(name) {
+                            validate(doc, property, field, &format!("{at}.{name}"))?;
+                        }
+                    }
+                }
+            }
+            "required" => {
+                if let Some(fields) = value.as_object() {
+                    for name in rule.as_array().unwrap() {
+                        if !fields.contains_key(name.as_str().unwrap()) {
+                            return fail(format!("lacks the required {name}"));
+                        }
+                    }
+                }
+            }
+            "additionalProperties" => {
+                if let Some(fields) = value.as_object() {
+                    let known = schema.get("properties").and_then(Value::as_object);
+                    for (name, field) in fields {
+                        if known.is_some_and(|k| k.contains_key(name)) {
+                            continue;
+                        }
+                        match rule {
+                            Value::Bool(true) => {}
+                            Value::Bool(false) => {
+                                return fail(format!("has the undocumented field {name:?}"))
+                            }
+                            extra => validate(doc, extra, field, &format!("{at}.{name}"))?,
+                        }
+                    }
+                }
+            }
+            "items" => {
+                if let Some(items) = value.as_array() {
+                    for (i, item) in items.iter().enumerate() {
+                        validate(doc, rule, item, &format!("{at}[{i}]"))?;
+                    }
+                }
+            }
+            "minItems" | "maxItems" => {
+                if let Some(items) = value.as_array() {
+                    let bound = rule.as_u64().unwrap() as usize;
+                    let fits = if keyword == "minItems" {
+                        items.len() >= bound
+                    } else {
+                        items.len() <= bound
+                    };
+                    if !fits {
+                        return fail(format!("{} items breaks {keyword} {bound}", items.len()));
+                    }
+                }
+            }
+            "minLength" | "maxLength" => {
+                if let Some(text) = value.as_str() {
+                    let bound = rule.as_u64().unwrap() as usize;
+                    let length = text.chars().count();
+                    let fits = if keyword == "minLength" {
+                        length >= bound
+                    } else {
+                        length <= bound
+                    };
+                    if !fits {
+                        return fail(format!("length {length} breaks {keyword} {bound}"));
+                    }
+                }
+            }
+            "minimum" | "maximum" => {
+                if let Some(number) = value.as_f64() {
+                    let bound = rule.as_f64().unwrap();
+                    let fits = if keyword == "minimum" {
+                        number >= bound
+                    } else {
+                        number <= bound
+                    };
+                    if !fits {
+                        return fail(format!("{value} breaks {keyword} {rule}"));
+                    }
+                }
+            }
+            "oneOf" | "anyOf" => {
+                let branches = rule.as_array().unwrap();
+                let fitting = branches
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, branch)| {
+                        validate(doc, branch, value, &format!("{at}/{keyword}[{i}]")).is_ok()
+                    })
+                    .count();
+                let fits = if keyword == "oneOf" {
+                    fitting == 1
+                } else {
+                    fitting >= 1
+                };
+                if !fits {
+                    return fail(format!("{value} fits {fitting} branches of {keyword}"));
+                }
+            }
+            other if ANNOTATIONS.contains(&other) => {}
+            other => {
+                panic!("the document uses {other:?} at {at}, which this validator does not check")
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---- the tests ---------------------------------------------------------------------------------------
+
+/// A request that a documented operation should answer with 200.
+fn successful_request(doc: &Value, path: &str, method: &str) -> Vec<(String, Option<String>)> {
+    let concrete = path.replace("{id}", MODEL);
+    let op = operation(doc, path, method);
+    match op.get("requestBody") {
+        None => vec![(concrete, None)],
+        Some(body) => {
+            let body = resolve(doc, body);
+            let examples = body["content"]["application/json"]["examples"]
+                .as_object()
+                .unwrap_or_else(|| panic!("{method} {path}: its body has no examples"));
+            examples
+                .values()
+                .map(|example| (concrete.clone(), Some(example["value"].to_string())))
+                .collect()
+        }
+    }
+}
+
+#[test]
+fn every_documented_operation_answers_and_fits_the_document() {
+    let doc = document();
+    let mut probed = 0;
+    for (path, methods) in operations(doc) {
+        assert!(!methods.is_empty(), "{path} documents no method");
+        for (method, op) in &methods {
+            if let Some(body) = op.get("requestBody") {
+                let schema = request_schema(doc, &path, method);
+                for (name, example) in resolve(doc, body)["content"]["application/json"]["examples"]
+                    .as_object()
+                    .unwrap()
+                {
+                    if let Err(error) = validate(doc, schema, &example["value"], "$") {
+                        panic!("{method} {path}: the example {name} does not fit the request schema: {error}");
+                    }
+                }
+            }
+            for (concrete, body) in successful_request(doc, &path, method) {
+                let response = server().request(method, &concrete, body.as_deref());
+                assert_eq!(
+                    response.status,
+                    200,
+                    "{method} {concrete} {body:?}: {}",
+                    response.text()
+                );
+                check_operation_response(doc, &path, method, &response);
+                probed += 1;
+            }
+        }
+    }
+    assert!(probed >= 15, "only {probed} operations probed");
+}
+
+#[test]
+fn every_other_method_gets_405_naming_exactly_the_documented_methods() {
+    let doc = document();
+    let not_allowed = &doc["components"]["responses"]["MethodNotAllowed"];
+    for (path, methods) in operations(doc) {
+        let documented: BTreeSet<String> = methods.iter().map(|(m, _)| m.clone()).collect();
+        let concrete = path.replace("{id}", MODEL);
+        for method in METHODS.iter().filter(|m| !documented.contains(**m)) {
+            let response = server().request(method, &concrete, None);
+            assert_eq!(response.status, 405, "{method} {path}: {}", response.text());
+            let allowed: BTreeSet<String> = response
+                .header("allow")
+                .unwrap_or_else(|| panic!("{method} {path}: 405 without Allow"))
+                .split(',')
+                .map(|m| m.trim().to_string())
+                .collect();
+            assert_eq!(allowed, documented, "{method} {path}: Allow");
+            check_response(doc, not_allowed, &response, &format!("{method} {path} 405"));
+        }
+    }
+}
+
+#[test]
+fn every_route_in_the_router_is_documented() {
+    let doc = document();
+    let documented: Vec<String> = operations(doc).into_iter().map(|(p, _)| p).collect();
+    let source = include_str!("../src/server/routes.rs");
+    let mut routes = 0;
+    for literal in string_literals(source) {
+        let literal = literal.as_str();
+        let is_route = literal.starts_with('/')
+            && literal
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "/._-".contains(c));
+        if !is_route {
+            continue;
+        }
+        routes += 1;
+        let known = documented.iter().any(|path| {
+            path == literal
+                || (literal.ends_with('/') && path.starts_with(literal) && path.contains('{'))
+        });
+        assert!(
+            known,
+            "the router answers {literal}, which /openapi.json does not document"
+        );
+    }
+    assert!(
+        routes >= 10,
+        "found only {routes} routes in routes.rs; has the router moved?"
+    );
+}
+
+/// The string literals of Rust source (plain and raw), skipping comments and character literals.
+fn string_literals(source: &str) -> Vec<String> {
+    let chars: Vec<char> = source.chars().collect();
+    let mut literals = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        match chars[i] {
+            '/' if chars.get(i + 1) == Some(&'/') => {
+                while i < chars.len() && chars[i] != '\n' {
+                    i += 1;
+                }
+            }
+            '\'' if chars.get(i + 2) == Some(&'\'') => i += 3,
+            '\'' if chars.get(i + 1) == Some(&'\\') => {
+                i += 2;
+                while i < chars.len() && chars[i] != '\'' {
+                    i += 1;
+                }
+                i += 1;
+            }
+            'r' if matches!(chars.get(i + 1), Some('#' | '"'))
+                && (i == 0 || !chars[i - 1].is_alphanumeric()) =>
+            {
+                let hashes = chars[i + 1..].iter().take_while(|&&c| c == '#').count();
+                let start = i + 2 + hashes;
+                let closing: Vec<char> = std::iter::once('"')
+                    .chain(std::iter::repeat_n('#', hashes))
+                    .collect();
+                let mut end = start;
+                while end < chars.len() && !chars[end..].starts_with(&closing) {
+                    end += 1;
+                }
+                literals.push(chars[start..end].iter().collect());
+                i = end + closing.len();
+            }
+            '"' => {
+                let mut literal = String::new();
+                i += 1;
+                while i < chars.len() && chars[i] != '"' {
+                    if chars[i] == '\\' {
+                        i += 1;
+                    }
+                    literal.push(chars[i]);
+                    i += 1;
+                }
+                literals.push(literal);
+                i += 1;
+            }
+            _ => i += 1,
+        }
+    }
+    literals
+}
+
+#[test]
+fn paths_the_document_does_not_list_get_404() {
+    let doc = document();
+    let documented: Vec<String> = operations(doc).into_iter().map(|(p, _)| p).collect();
+    let is_documented = |path: &str| documented.iter().any(|t| matches_template(t, path));
+    let mut near_misses: Vec<String> = [
+        "/",
+        "/v1",
+        "/v1/",
+        "/v2/embeddings",
+        "/docs",
+        "/openapi.yaml",
+    ]
+    .iter()
+    .map(|p| p.to_string())
+    .collect();
+    for path in &documented {
+        let concrete = path.replace("{id}", MODEL);
+        near_misses.push(match concrete.strip_suffix('/') {
+            Some(bare) => format!("{bare}//"),
+            None => format!("{concrete}/"),
+        });
+        near_misses.push(concrete.to_ascii_uppercase());
+        near_misses.push(format!("{concrete}x"));
+        near_misses.push(format!("/api{concrete}"));
+    }
+    let not_found = &doc["components"]["responses"]["NotFound"];
+    let mut probed = 0;
+    for path in near_misses.iter().filter(|p| !is_documented(p)) {
+        for method in ["GET", "POST"] {
+            let response = server().request(method, path, None);
+            assert_eq!(response.status, 404, "{method} {path}: {}", response.text());
+            check_response(doc, not_found, &response, &format!("{method} {path}"));
+            probed += 1;
+        }
+    }
+    assert!(probed >= 40, "only {probed} near misses probed");
+}
+
+#[test]
+fn request_schema_accepts_what_the_server_takes_and_refuses_what_it_refuses() {
+    let doc = document();
+    let path = "/v1/embeddings";
+    let schema = request_schema(doc, path, "POST");
+    let taken = [
+        json!({"input": ""}),
+        json!({"input": ["a", ""], "model": MODEL, "user": "someone", "encoding_format": "float"}),
+        json!({"input": [101, 102], "dimensions": 384, "truncate": false}),
+        json!({"input": [[101, 102], [101, 2023, 102]], "encoding_format": "base64"}),
+        json!({"input": "a", "model": null, "encoding_format": null, "dimensions": null,
+               "task": null, "prompt_name": null, "truncate": null, "user": null}),
+        json!({"input": [101.0, 102.0], "dimensions": 384.0}),
+        json!({"input": "unknown fields are ignored", "extra": {"anything": [1]}}),
+    ];
+    for body in taken {
+        assert!(
+            validate(doc, schema, &body, "$").is_ok(),
+            "the schema refuses {body}"
+        );
+        let response = server().post(path, &body);
+        assert_eq!(response.status, 200, "{body}: {}", response.text());
+        check_operation_response(doc, path, "POST", &response);
+    }
+    let refused = [
+        json!([]),
+        json!("input"),
+        json!({}),
+        json!({"input": null}),
+        json!({"input": []}),
+        json!({"input": 5}),
+        json!({"input": ["a", 1]}),
+        json!({"input": [1, "a"]}),
+        json!({"input": [[1], "a"]}),
+        json!({"input": [[]]}),
+        json!({"input": [-3]}),
+        json!({"input": [1.5]}),
+        json!({"input": [4_294_967_296u64]}),
+        json!({"input": {"text": "a"}}),
+        json!({"input": "a", "model": 7}),
+        json!({"input": "a", "encoding_format": "hex"}),
+        json!({"input": "a", "dimensions": 0}),
+        json!({"input": "a", "dimensions": -1}),
+        json!({"input": "a", "dimensions": 1.5}),
+        json!({"input": "a", "dimensions": "384"}),
+        json!({"input": "a", "task": 1}),
+        json!({"input": "a", "prompt_name": ["x"]}),
+        json!({"input": "a", "truncate": "yes"}),
+        json!({"input": "a", "user": 5}),
+    ];
+    for body in refused {
+        assert!(
+            validate(doc, schema, &body, "$").is_err(),
+            "the schema takes {body}"
+        );
+        let response = server().post(path, &body);
+        assert_eq!(response.status, 400, "{body}: {}", response.text());
+        check_operation_response(doc, path, "POST", &response);
+    }
+}
+
+#[test]
+fn every_error_the_server_can_be_made_to_give_fits_the_document() {
+    let doc = document();
+    let s = server();
+    let json_type = [("Content-Type", "application/json")];
+
+    // 400: not JSON at all, and impossible for the model although the schema takes it.
+    for body in [
+        "{not json",
+        r#"{"input": "a", "dimensions": 100}"#,
+        r#"{"input": "a", "task": "search_query"}"#,
+        r#"{"input": [999999]}"#,
+    ] {
+        let response = s.raw_request("POST", "/v1/embeddings", &json_type, body.as_bytes());
+        assert_eq!(response.status, 400, "{body}: {}", response.text());
+        check_operation_response(doc, "/v1/embeddings", "POST", &response);
+    }
+    // 404: unknown model, by body and by path.
+    let response = s.post("/v1/embeddings", &json!({"input": "a", "model": "gpt-4"}));
+    assert_eq!(response.status, 404);
+    assert_eq!(response.json()["error"]["code"], "model_not_found");
+    check_operation_response(doc, "/v1/embeddings", "POST", &response);
+    let response = s.request("GET", "/v1/models/gpt-4", None);
+    assert_eq!(response.status, 404);
+    check_operation_response(doc, "/v1/models/{id}", "GET", &response);
+    // 413, on an embedding route and on one that takes no body.
+    let large = format!(r#"{{"input": "{}"}}"#, "a".repeat(MAX_BODY_BYTES));
+    for (method, path) in [("POST", "/v1/embeddings"), ("GET", "/health")] {
+        let response = s.raw_request(method, path, &json_type, large.as_bytes());
+        assert_eq!(response.status, 413, "{method} {path}: {}", response.text());
+        check_operation_response(doc, path, method, &response);
+    }
+    // 415.
+    for (method, path) in [("POST", "/v1/embeddings"), ("GET", "/v1/encode")] {
+        let response = s.raw_request(
+            method,
+            path,
+            &[("Content-Type", "text/plain")],
+            b"{\"input\": \"a\"}",
+        );
+        assert_eq!(response.status, 415, "{method} {path}: {}", response.text());
+        check_operation_response(doc, path, method, &response);
+    }
+}
+
+#[test]
+fn a_timed_out_request_gets_the_documented_503() {
+    let doc = document();
+    // No engine answers within a microsecond.
+    let s = Server::start(&["--request-timeout", "0.000001"]);
+    let response = s.post("/v1/embeddings", &json!({"input": "a"}));
+    assert_eq!(response.status, 503, "{}", response.text());
+    check_operation_response(doc, "/v1/embeddings", "POST", &response);
+}
+
+#[test]
+fn a_full_queue_gets_the_documented_429() {
+    let doc = document();
+    // Small batches, so that most of the heavy request waits in the queue while we knock.
+    let s = Server::start(&[
+        "--queue-capacity",
+        "1",
+        "--max-batch-tokens",
+        "512",
+        "--request-timeout",
+        "600",
+    ]);
+    let long: Vec<u32> = std::iter::once(101)
+        .chain(std::iter::repeat_n(2023, 126))
+        .chain(std::iter::once(102))
+        .collect();
+    let heavy = json!({"input": vec![long; 32]});
+    let mut full = None;
+    std::thread::scope(|scope| {
+        let worker = scope.spawn(|| s.post("/v1/embeddings", &heavy));
+        // A knock that arrives before the heavy request makes the heavy one the refused one: fine too.
+        std::thread::sleep(Duration::from_millis(50));
+        while !worker.is_finished() {
+            let response = s.post("/v1/encode", &json!({"input": "knock"}));
+            if response.status == 429 {
+                full = Some(("POST /v1/encode", response));
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let heavy = worker.join().unwrap();
+        assert!(
+            matches!(heavy.status, 200 | 429),
+            "{}: {}",
+            heavy.status,
+            heavy.text()
+        );
+        if heavy.status == 429 && full.is_none() {
+            full = Some(("POST /v1/embeddings", heavy));
+        }
+    });
+    let (what, response) = full.expect("no 429 while the queue was full");
+    assert_eq!(response.header("retry-after"), Some("1"), "{what}");
+    let (method, path) = what.split_once(' ').unwrap();
+    check_operation_response(doc, path, method, &response);
+}
+
+#[test]
+fn the_validator_refuses_bodies_that_do_not_fit() {
+    let doc = document();
+    let ok = server()
+        .post("/v1/embeddings", &json!({"input": ["a", "b"]}))
+        .json();
+    let schema = json!({"$ref": "#/components/schemas/EmbeddingList"});
+    validate(doc, &schema, &ok, "$").expect("a real response fits");
+    type Mutation = (&'static str, fn(&mut Value));
+    let mutations: [Mutation; 7] = [
+        ("no usage", |v| {
+            v.as_object_mut().unwrap().remove("usage");
+        }),
+        ("an extra field", |v| v["extra"] = json!(1)),
+        ("a number for an embedding", |v| {
+            v["data"][0]["embedding"] = json!(1.0)
+        }),
+        ("a string in the floats", |v| {
+            v["data"][1]["embedding"][3] = json!("x")
+        }),
+        ("a wrong object", |v| v["object"] = json!("embedding")),
+        ("a negative index", |v| v["data"][0]["index"] = json!(-1)),
+        ("no data", |v| v["data"] = json!([])),
+    ];
+    for (what, mutate) in mutations {
+        let mut bad = ok.clone();
+        mutate(&mut bad);
+        assert!(validate(doc, &schema, &bad, "$").is_err(), "{what} passed");
+    }
+    let error = json!({"$ref": "#/components/schemas/Error"});
+    let real = server().request("GET", "/nowhere", None).json();
+    validate(doc, &error, &real, "$").expect("a real error fits");
+    for bad in [
+        json!({"error": {"message": "m", "type": "invalid_request_error", "param": null}}),
+        json!({"error": {"message": "m", "type": "oops", "param": null, "code": null}}),
+        json!({"error": {"message": "", "type": "server_error", "param": null, "code": null}}),
+        json!({"message": "m"}),
+    ] {
+        assert!(validate(doc, &error, &bad, "$").is_err(), "{bad} passed");
+    }
+}
+
+#[test]
+fn a_missing_key_gets_the_documented_401() {
+    let s = Server::start(&["--api-key", "secret"]);
+    let response = s.post("/v1/embeddings", &json!({"input": "a"}));
+    assert_eq!(response.status, 401, "{}", response.text());
+    check_operation_response(document(), "/v1/embeddings", "POST", &response);
+}
