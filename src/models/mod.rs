@@ -4,6 +4,7 @@
 mod bert;
 pub mod catalog;
 mod embedded;
+pub mod kernels;
 mod pooling;
 mod tokenize;
 

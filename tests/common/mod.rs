@@ -12,7 +12,9 @@ pub const BINARY: &str = env!("CARGO_BIN_EXE_embedding-server");
 
 /// `../shared` beside the project root; a clear failure when it is missing.
 pub fn shared_dir() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("shared");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("shared");
     assert!(
         dir.join("reference").is_dir(),
         "the shared test data is missing: expected {} (with reference/ and bench/) beside the project root",
@@ -23,7 +25,8 @@ pub fn shared_dir() -> PathBuf {
 
 pub fn reference() -> serde_json::Value {
     let path = shared_dir().join("reference").join("all-MiniLM-L6-v2.json");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     serde_json::from_str(&text).expect("the reference file is not JSON")
 }
 
@@ -41,7 +44,11 @@ impl Server {
 
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut command = Command::new(BINARY);
-        command.args(["serve", "--port", "0"]).args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+        command
+            .args(["serve", "--port", "0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         for (k, v) in env {
             command.env(k, v);
         }
@@ -63,11 +70,18 @@ impl Server {
                         break addr.rsplit(':').next().unwrap().trim().parse().unwrap();
                     }
                 }
-                _ => panic!("the server exited before listening; its log:\n{}", log.lock().unwrap()),
+                _ => panic!(
+                    "the server exited before listening; its log:\n{}",
+                    log.lock().unwrap()
+                ),
             }
         };
         std::thread::spawn(move || for _ in lines {});
-        Server { child, port, stderr: log }
+        Server {
+            child,
+            port,
+            stderr: log,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -87,10 +101,19 @@ impl Server {
     }
 
     /// One request on a fresh connection, with exactly these headers (plus Host, Content-Length, Connection).
-    pub fn raw_request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
+    pub fn raw_request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Response {
         let mut stream = TcpStream::connect(("127.0.0.1", self.port)).expect("cannot connect");
-        stream.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(120)))
+            .unwrap();
+        let mut head =
+            format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
         for (k, v) in headers {
             head.push_str(&format!("{k}: {v}\r\n"));
         }
@@ -119,23 +142,43 @@ pub struct Response {
 
 impl Response {
     fn parse(raw: &[u8]) -> Response {
-        let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("no end of headers in the response");
+        let split = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("no end of headers in the response");
         let head = String::from_utf8_lossy(&raw[..split]).to_string();
         let mut lines = head.split("\r\n");
-        let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+        let status = lines
+            .next()
+            .unwrap()
+            .split(' ')
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
         let headers: Vec<(String, String)> = lines
             .filter_map(|l| l.split_once(':'))
             .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
             .collect();
         let mut body = raw[split + 4..].to_vec();
-        if headers.iter().any(|(k, v)| k == "transfer-encoding" && v.contains("chunked")) {
+        if headers
+            .iter()
+            .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"))
+        {
             body = dechunk(&body);
         }
-        Response { status, headers, body }
+        Response {
+            status,
+            headers,
+            body,
+        }
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k == &name.to_ascii_lowercase()).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k == &name.to_ascii_lowercase())
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn text(&self) -> String {
@@ -143,7 +186,8 @@ impl Response {
     }
 
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
     }
 }
 
@@ -151,7 +195,8 @@ fn dechunk(mut body: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     loop {
         let end = body.windows(2).position(|w| w == b"\r\n").unwrap();
-        let size = usize::from_str_radix(std::str::from_utf8(&body[..end]).unwrap().trim(), 16).unwrap();
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&body[..end]).unwrap().trim(), 16).unwrap();
         if size == 0 {
             return out;
         }
@@ -161,16 +206,28 @@ fn dechunk(mut body: &[u8]) -> Vec<u8> {
 }
 
 pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
+    let dot: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+        .sum();
     let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
     let nb: f64 = b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
     dot / (na * nb)
 }
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| (f64::from(*x) - f64::from(*y)).abs()).fold(0.0, f64::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (f64::from(*x) - f64::from(*y)).abs())
+        .fold(0.0, f64::max)
 }
 
 pub fn floats(value: &serde_json::Value) -> Vec<f32> {
-    value.as_array().expect("an array of numbers").iter().map(|v| v.as_f64().unwrap() as f32).collect()
+    value
+        .as_array()
+        .expect("an array of numbers")
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect()
 }
