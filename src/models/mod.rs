@@ -5,6 +5,7 @@ mod bert;
 pub mod catalog;
 mod embedded;
 pub mod kernels;
+mod nomic_bert;
 mod pooling;
 mod tokenize;
 
@@ -155,6 +156,9 @@ pub struct Model {
     tokenizer: TextTokenizer,
     encoder: Box<dyn Encoder>,
     max_tokens: usize,
+    /// The width of the vectors these weights give: the catalog's `dims`, or less for smaller weights of the
+    /// same architecture loaded from a directory (such as a test fixture).
+    dims: usize,
 }
 
 impl Model {
@@ -165,26 +169,55 @@ impl Model {
         })?;
         let tokenizer = TextTokenizer::from_bytes(&source.read(spec, "tokenizer.json")?)?;
         let weights = source.read(spec, "model.safetensors")?;
-        let encoder: Box<dyn Encoder> = match spec.architecture {
-            Architecture::Bert => Box::new(bert::Bert::load(&config, &weights)?),
+        let (encoder, width): (Box<dyn Encoder>, usize) = match spec.architecture {
+            Architecture::Bert => {
+                let width = config["hidden_size"].as_u64().unwrap_or(0) as usize;
+                (Box::new(bert::Bert::load(&config, &weights)?), width)
+            }
             Architecture::NomicBert => {
-                return Err(ModelError::new(format!(
-                    "{}: the NomicBERT architecture is not built yet",
-                    spec.name
-                )))
+                let encoder = nomic_bert::NomicBert::load(&config, &weights)?;
+                let width = encoder.hidden_size();
+                (Box::new(encoder), width)
             }
         };
+        if width != spec.dims {
+            eprintln!(
+                "warning: {} has width {width}, not the catalog's {}: these are not its released weights",
+                spec.name, spec.dims
+            );
+        }
         let max_tokens = spec.max_tokens.min(encoder.max_positions());
         Ok(Model {
             spec,
             tokenizer,
             encoder,
             max_tokens,
+            dims: width.min(spec.dims),
         })
     }
 
     pub fn max_tokens(&self) -> usize {
         self.max_tokens
+    }
+
+    /// The width of a full embedding.
+    pub fn dims(&self) -> usize {
+        self.dims
+    }
+
+    /// The `dimensions` a request may ask for: the catalog's, up to the width of the loaded weights.
+    pub fn allowed_dims(&self) -> Vec<usize> {
+        let allowed: Vec<usize> = self
+            .spec
+            .allowed_dims()
+            .into_iter()
+            .filter(|&d| d <= self.dims)
+            .collect();
+        if allowed.is_empty() {
+            vec![self.dims]
+        } else {
+            allowed
+        }
     }
 
     /// Tokenises one input, with `prefix` (a task prompt, or "") in front of a text, and cuts it to the
@@ -223,7 +256,7 @@ impl Model {
         Ok(pooled)
     }
 
-    /// The embedding of width `dims` (one of `spec.allowed_dims()`) from a pooled vector.
+    /// The embedding of width `dims` (one of [`Model::allowed_dims`]) from a pooled vector.
     pub fn finish(&self, pooled: Vec<f32>, dims: usize) -> Vec<f32> {
         pooling::finish(self.spec, pooled, dims)
     }
@@ -238,7 +271,7 @@ impl Model {
         let pooled = self.encode(&batch)?;
         Ok(pooled
             .into_iter()
-            .map(|p| self.finish(p, self.spec.dims))
+            .map(|p| self.finish(p, self.dims))
             .collect())
     }
 }

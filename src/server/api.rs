@@ -4,7 +4,7 @@
 use serde_json::{json, Map, Value};
 
 use super::errors::ApiError;
-use crate::models::{Input, ModelSpec};
+use crate::models::{Input, Model};
 
 /// Which of the two embedding APIs a request came through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -243,17 +243,18 @@ pub fn models_list(names: &[&str]) -> String {
 }
 
 /// `GET /v1/models/{id}`.
-pub fn model_card(spec: &ModelSpec, max_tokens: usize, created: u64) -> String {
+pub fn model_card(model: &Model, created: u64) -> String {
+    let spec = model.spec;
     let tasks: Vec<&str> = spec.prompts.iter().map(|(task, _)| *task).collect();
     json!({
         "id": spec.name,
         "object": "model",
         "created": created,
         "owned_by": spec.hub_repo.split('/').next().unwrap_or("embedding-server"),
-        "dims": spec.dims,
-        "dimensions": spec.allowed_dims(),
+        "dims": model.dims(),
+        "dimensions": model.allowed_dims(),
         "matryoshka": !spec.matryoshka_dims.is_empty(),
-        "max_tokens": max_tokens,
+        "max_tokens": model.max_tokens(),
         "tasks": tasks,
         "architecture": format!("{:?}", spec.architecture),
         "revision": format!("{}@{}", spec.hub_repo, spec.hub_revision),

@@ -3,6 +3,15 @@
 
 use serde_json::json;
 
+/// At most 64 characters of a client's string, for error messages: enough to recognise, never the whole.
+pub fn excerpt(text: &str) -> String {
+    const MAX: usize = 64;
+    match text.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_string(),
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ApiError {
     pub status: u16,
@@ -48,7 +57,8 @@ impl ApiError {
                 404,
                 "invalid_request_error",
                 format!(
-                    "The model `{model}` does not exist. Available models: {}.",
+                    "The model `{}` does not exist. Available models: {}.",
+                    excerpt(model),
                     available.join(", ")
                 ),
             )
@@ -61,7 +71,7 @@ impl ApiError {
             ..ApiError::new(
                 404,
                 "invalid_request_error",
-                format!("No route for {path}."),
+                format!("No route for {}.", excerpt(path)),
             )
         }
     }
@@ -89,13 +99,34 @@ impl ApiError {
         }
     }
 
+    pub fn timeout_reading_body(deadline: std::time::Duration) -> ApiError {
+        ApiError {
+            code: Some("request_timeout"),
+            ..ApiError::new(
+                408,
+                "invalid_request_error",
+                format!(
+                    "The body did not arrive within {} s (or was shorter than its Content-Length).",
+                    deadline.as_secs_f64()
+                ),
+            )
+        }
+    }
+
     pub fn unsupported_media_type(found: &str) -> ApiError {
         ApiError {
             code: Some("unsupported_media_type"),
             ..ApiError::new(
                 415,
                 "invalid_request_error",
-                format!("The body must be JSON (Content-Type: application/json), not {found:?}."),
+                if found.is_empty() {
+                    "The body must be JSON, sent with Content-Type: application/json.".to_string()
+                } else {
+                    format!(
+                        "The body must be JSON (Content-Type: application/json), not {:?}.",
+                        excerpt(found)
+                    )
+                },
             )
         }
     }
@@ -121,6 +152,14 @@ impl ApiError {
                 },
                 message,
             )
+        }
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> ApiError {
+        ApiError {
+            code: Some("invalid_api_key"),
+            headers: vec![("WWW-Authenticate", "Bearer".into())],
+            ..ApiError::new(401, "authentication_error", message)
         }
     }
 

@@ -2,20 +2,26 @@
 //! it to `routes`, and writing the answer. Models sit behind batching queues; this layer knows no tensors.
 
 pub mod api;
+mod auth;
 mod errors;
+mod front_door;
+mod lifecycle;
 mod metrics;
 mod queue;
 mod routes;
 
 use std::io::Read;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tiny_http::{Header, Response};
 
 use crate::cli::Options;
 use crate::models::Model;
+use auth::Auth;
 use errors::ApiError;
+use front_door::{FrontDoor, FrontDoorConfig};
+use lifecycle::Lifecycle;
 use metrics::Metrics;
 use queue::BatchQueue;
 use routes::{Incoming, Outgoing};
@@ -28,6 +34,8 @@ pub struct Limits {
     /// Whether over-long inputs are cut (the original's behaviour) rather than refused.
     pub truncate: bool,
     pub request_timeout: Duration,
+    /// The longest a client may take to send its body.
+    pub body_timeout: Duration,
 }
 
 /// What every worker shares.
@@ -38,6 +46,10 @@ pub struct App {
     metrics: Arc<Metrics>,
     /// Unix time the server started, reported as the models' `created`.
     started: u64,
+    auth: Auth,
+    lifecycle: Lifecycle,
+    /// When a worker last picked up a request: the drain waits for a quiet moment before exiting.
+    last_request: Mutex<Instant>,
 }
 
 impl App {
@@ -54,18 +66,31 @@ impl App {
 }
 
 pub fn serve(options: &Options, models: Vec<Model>) -> Result<(), String> {
+    let seconds = |name: &str| -> Result<Duration, String> {
+        let value: f64 = options.number(name)?;
+        Duration::try_from_secs_f64(value)
+            .map_err(|_| format!("--{name} must be a non-negative number of seconds"))
+    };
     let limits = Limits {
         max_body_bytes: options.number("max-body-bytes")?,
         max_inputs: options.number("max-inputs")?,
         max_request_tokens: options.number("max-request-tokens")?,
         truncate: !options.switch("no-truncate"),
-        request_timeout: Duration::from_secs_f64(options.number("request-timeout")?),
+        request_timeout: seconds("request-timeout")?,
+        body_timeout: seconds("body-timeout")?,
     };
+    let idle_timeout = seconds("idle-timeout")?;
+    let shutdown_timeout = seconds("shutdown-timeout")?;
     let threads: usize = options.number::<usize>("threads")?.max(1);
     let max_batch_tokens: usize = options.number("max-batch-tokens")?;
     let capacity: usize = options.number("queue-capacity")?;
     let host = options.text("host").unwrap_or("127.0.0.1");
     let port: u16 = options.number("port")?;
+    let auth = Auth::new(
+        options.list("api-key"),
+        options.list("api-key-file"),
+        options.switch("metrics-auth"),
+    )?;
 
     let metrics = Arc::new(Metrics::new());
     let default_model = models
@@ -92,37 +117,139 @@ pub fn serve(options: &Options, models: Vec<Model>) -> Result<(), String> {
         limits,
         metrics,
         started,
+        auth,
+        lifecycle: Lifecycle::new(),
+        last_request: Mutex::new(Instant::now()),
     });
 
+    // One line per panic, whatever thread it happens on; the request it hit is answered 500 and logged.
+    std::panic::set_hook(Box::new(|info| eprintln!("error: panic: {info}")));
+    lifecycle::install_signal_handlers();
+    lifecycle::raise_fd_limit();
     let address = if host.contains(':') && !host.starts_with('[') {
         format!("[{host}]:{port}")
     } else {
         format!("{host}:{port}")
     };
-    let server = tiny_http::Server::http(&address).map_err(|e| {
-        format!("cannot listen on {address}: {e} (is the port taken? try --port 0 for a free one)")
-    })?;
+    let door_config = FrontDoorConfig {
+        max_connections: options.number::<usize>("max-connections")?.max(1),
+        idle_timeout,
+        header_timeout: seconds("header-timeout")?,
+        body_timeout: app.limits.body_timeout,
+    };
+    let (door, internal) = FrontDoor::bind(&address, door_config)?;
+    let server = tiny_http::Server::from_listener(internal, None)
+        .map_err(|e| format!("cannot serve: {e}"))?;
     let server = Arc::new(server);
-    println!("listening on http://{}", server.server_addr());
+    let accepting = Arc::clone(&door);
+    std::thread::Builder::new()
+        .name("accept".into())
+        .spawn(move || accepting.run())
+        .map_err(|e| format!("cannot start the accept thread: {e}"))?;
+    println!("listening on http://{}", door.local_addr());
 
-    let workers: Vec<_> = (0..threads)
-        .map(|i| {
-            let server = Arc::clone(&server);
-            let app = Arc::clone(&app);
-            std::thread::Builder::new()
-                .name(format!("http-{i}"))
-                .spawn(move || {
-                    while let Ok(request) = server.recv() {
-                        answer(&app, request);
-                    }
-                })
-                .map_err(|e| format!("cannot start worker threads: {e}"))
-        })
-        .collect::<Result<_, _>>()?;
-    for worker in workers {
-        let _ = worker.join();
+    for i in 0..threads {
+        let server = Arc::clone(&server);
+        let app = Arc::clone(&app);
+        std::thread::Builder::new()
+            .name(format!("http-{i}"))
+            .spawn(move || work(&server, &app))
+            .map_err(|e| format!("cannot start worker threads: {e}"))?;
     }
-    Ok(())
+    let trimmer = Arc::clone(&app);
+    std::thread::Builder::new()
+        .name("heap-trim".into())
+        .spawn(move || trim_when_idle(&trimmer))
+        .map_err(|e| format!("cannot start a thread: {e}"))?;
+
+    app.lifecycle.wait_for_signal();
+    eprintln!(
+        "draining: no new connections; finishing {} request(s) on {} open connection(s)",
+        app.lifecycle.in_flight(),
+        door.open_connections()
+    );
+    door.close();
+    let last_request = || *lock(&app.last_request);
+    let left =
+        app.lifecycle
+            .wait_for_idle(shutdown_timeout, Duration::from_millis(300), &last_request);
+    if left == 0 {
+        eprintln!("drained: every accepted request was answered; exiting");
+    } else {
+        eprintln!("shutdown deadline passed with {left} request(s) still in flight; exiting");
+    }
+    std::process::exit(0);
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A worker: takes requests until the drain ends the process.
+fn work(server: &tiny_http::Server, app: &App) {
+    loop {
+        match server.recv_timeout(Duration::from_millis(100)) {
+            Ok(Some(request)) => {
+                let _in_flight = app.lifecycle.track();
+                *lock(&app.last_request) = Instant::now();
+                answer(app, request);
+            }
+            Ok(None) => {}
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// Gives freed memory back once traffic pauses, so RSS follows the load down.
+fn trim_when_idle(app: &App) {
+    let mut trimmed_after = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_secs(2));
+        let last = *lock(&app.last_request);
+        if last > trimmed_after
+            && last.elapsed() >= Duration::from_secs(1)
+            && app.lifecycle.in_flight() == 0
+        {
+            lifecycle::trim_heap();
+            trimmed_after = Instant::now();
+        }
+    }
+}
+
+/// Reads at most `limit` bytes of body, and for at most `deadline` in all: a client trickling its body
+/// byte by byte holds a worker no longer than that.
+fn read_body(reader: &mut dyn Read, limit: u64, deadline: Duration) -> Result<Vec<u8>, ApiError> {
+    let started = Instant::now();
+    let mut body = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        if started.elapsed() > deadline {
+            return Err(ApiError::timeout_reading_body(deadline));
+        }
+        match reader.read(&mut chunk) {
+            Ok(0) => return Ok(body),
+            Ok(n) => {
+                body.extend_from_slice(&chunk[..n]);
+                if body.len() as u64 > limit {
+                    return Err(ApiError::too_large(limit));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(ApiError::timeout_reading_body(deadline));
+            }
+            Err(e) => {
+                return Err(ApiError::invalid(format!(
+                    "The body could not be read: {e}."
+                )))
+            }
+        }
+    }
 }
 
 /// Reads the body, routes, writes the response and the log line.
@@ -138,16 +265,22 @@ fn answer(app: &App, mut request: tiny_http::Request) {
             .map(|h| h.value.as_str().to_string())
     };
     let content_type = header("Content-Type");
+    let authorization = header("Authorization");
     let declared: Option<u64> = header("Content-Length").and_then(|v| v.trim().parse().ok());
     let limit = app.limits.max_body_bytes;
+    let route_path = path.split('?').next().unwrap_or("").to_string();
 
-    let outgoing = if declared.is_some_and(|n| n > limit) {
-        Outgoing::error(ApiError::too_large(limit))
-    } else {
-        let mut body = Vec::new();
-        match request.as_reader().take(limit + 1).read_to_end(&mut body) {
-            Ok(_) if body.len() as u64 > limit => Outgoing::error(ApiError::too_large(limit)),
-            Ok(_) => routes::handle(
+    let outgoing = match app.auth.check(&route_path, authorization.as_deref()) {
+        Err(error) => Outgoing::error(error),
+        Ok(()) if declared.is_some_and(|n| n > limit) => {
+            Outgoing::error(ApiError::too_large(limit))
+        }
+        Ok(()) => match read_body(request.as_reader(), limit, app.limits.body_timeout) {
+            // The front door cut a stalled body short: tiny_http reports that as an early end.
+            Ok(body) if declared.is_some_and(|n| (body.len() as u64) < n) => {
+                Outgoing::error(ApiError::timeout_reading_body(app.limits.body_timeout))
+            }
+            Ok(body) => routes::handle(
                 app,
                 &Incoming {
                     method: &method,
@@ -156,11 +289,12 @@ fn answer(app: &App, mut request: tiny_http::Request) {
                     body: &body,
                 },
             ),
-            Err(e) => Outgoing::error(ApiError::invalid(format!(
-                "The body could not be read: {e}."
-            ))),
-        }
+            Err(error) => Outgoing::error(error),
+        },
     };
+    if outgoing.status >= 400 {
+        app.metrics.record_error(outgoing.status);
+    }
 
     let status = outgoing.status;
     let (inputs, tokens) = (outgoing.inputs, outgoing.tokens);
@@ -174,9 +308,9 @@ fn answer(app: &App, mut request: tiny_http::Request) {
     }
     // A client that went away mid-response costs only its own answer.
     let _ = request.respond(response);
+    let shown: String = route_path.chars().take(80).collect();
     eprintln!(
-        "{method} {} {status} inputs={inputs} tokens={tokens} {:.1}ms",
-        path.split('?').next().unwrap_or(""),
+        "{method} {shown} {status} inputs={inputs} tokens={tokens} {:.1}ms",
         started.elapsed().as_secs_f64() * 1000.0
     );
 }

@@ -6,7 +6,7 @@ use std::panic::AssertUnwindSafe;
 use std::time::Instant;
 
 use super::api::{self, Api, EmbedRequest};
-use super::errors::ApiError;
+use super::errors::{excerpt, ApiError};
 use super::queue::QueueError;
 use super::App;
 use crate::models::{ErrorKind, Tokens};
@@ -56,28 +56,31 @@ impl Outgoing {
 
 /// Answers one request; never panics (a panicking handler becomes a 500).
 pub fn handle(app: &App, request: &Incoming) -> Outgoing {
-    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| route(app, request)));
-    let outgoing = match outcome {
+    contain_panics(
+        request,
+        || app.metrics.record_panic(),
+        || route(app, request),
+    )
+}
+
+fn contain_panics(
+    request: &Incoming,
+    count_panic: impl FnOnce(),
+    handler: impl FnOnce() -> Result<Outgoing, ApiError>,
+) -> Outgoing {
+    match std::panic::catch_unwind(AssertUnwindSafe(handler)) {
         Ok(Ok(outgoing)) => outgoing,
         Ok(Err(error)) => Outgoing::error(error),
-        Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
+        Err(_) => {
+            // The panic hook has logged the panic itself; this line ties it to the request.
             eprintln!(
-                "error: a handler panicked on {} {}: {what}",
+                "error: the panic above happened handling {} {}",
                 request.method, request.path
             );
-            app.metrics.record_panic();
+            count_panic();
             Outgoing::error(ApiError::internal())
         }
-    };
-    if outgoing.status >= 400 {
-        app.metrics.record_error(outgoing.status);
     }
-    outgoing
 }
 
 fn route(app: &App, request: &Incoming) -> Result<Outgoing, ApiError> {
@@ -93,6 +96,10 @@ fn route(app: &App, request: &Incoming) -> Result<Outgoing, ApiError> {
     match path {
         "/health" => {
             allow("GET", method == "GET")?;
+            if app.lifecycle.draining() {
+                // Load balancers take this as the signal to stop sending here.
+                return Err(ApiError::unavailable("The server is shutting down."));
+            }
             Ok(Outgoing::json(r#"{"status":"ok"}"#.into()))
         }
         "/metrics" | "/metrics/" => {
@@ -119,11 +126,7 @@ fn route(app: &App, request: &Incoming) -> Result<Outgoing, ApiError> {
                 allow("GET", method == "GET")?;
                 let queue = app.queue(id)?;
                 let model = queue.model();
-                Ok(Outgoing::json(api::model_card(
-                    model.spec,
-                    model.max_tokens(),
-                    app.started,
-                )))
+                Ok(Outgoing::json(api::model_card(model, app.started)))
             }
             None => Err(ApiError::not_found(path)),
         },
@@ -138,16 +141,20 @@ fn embed(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiError> 
 }
 
 fn embed_inner(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiError> {
-    if let Some(content_type) = request.content_type {
-        let media = content_type
-            .split(';')
+    let media = request.content_type.map(|c| {
+        c.split(';')
             .next()
             .unwrap_or("")
             .trim()
-            .to_ascii_lowercase();
-        if media != "application/json" && !media.ends_with("+json") {
-            return Err(ApiError::unsupported_media_type(content_type));
-        }
+            .to_ascii_lowercase()
+    });
+    if !media
+        .as_deref()
+        .is_some_and(|m| m == "application/json" || m.ends_with("+json"))
+    {
+        return Err(ApiError::unsupported_media_type(
+            request.content_type.unwrap_or(""),
+        ));
     }
     let body = api::parse_embed_request(request.body)?;
     let EmbedRequest {
@@ -174,10 +181,10 @@ fn embed_inner(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiE
         ));
     }
     let dims = match dimensions {
-        None => spec.dims,
-        Some(d) if spec.allowed_dims().contains(&d) => d,
+        None => model.dims(),
+        Some(d) if model.allowed_dims().contains(&d) => d,
         Some(d) => {
-            let allowed: Vec<String> = spec.allowed_dims().iter().map(usize::to_string).collect();
+            let allowed: Vec<String> = model.allowed_dims().iter().map(usize::to_string).collect();
             return Err(ApiError::invalid_param(
                 "dimensions",
                 format!(
@@ -201,7 +208,8 @@ fn embed_inner(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiE
             ApiError::invalid_param(
                 "task",
                 format!(
-                    "Unknown task {task:?}; {} knows: {}.",
+                    "Unknown task {:?}; {} knows: {}.",
+                    excerpt(task),
                     spec.name,
                     tasks.join(", ")
                 ),
@@ -283,4 +291,27 @@ fn embed_inner(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiE
         tokens: total,
         ..Outgoing::json(body)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_handler_becomes_one_counted_500() {
+        let request = Incoming {
+            method: "POST",
+            path: "/v1/embeddings",
+            content_type: None,
+            body: b"",
+        };
+        let mut counted = 0;
+        let outgoing = contain_panics(&request, || counted += 1, || panic!("boom"));
+        assert_eq!((outgoing.status, counted), (500, 1));
+        assert!(
+            !outgoing.body.contains("boom"),
+            "internals stay in the log: {}",
+            outgoing.body
+        );
+    }
 }

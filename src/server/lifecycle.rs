@@ -1,0 +1,115 @@
+//! The server's life: signals, draining and exit. SIGTERM or SIGINT starts a drain: /health answers 503,
+//! responses ask clients to close their connections, the listener stops accepting, every request already
+//! accepted is answered, then the process exits 0 — or when the shutdown deadline passes, whatever is left.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+static SIGNALLED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    // Only an atomic store: anything more is not async-signal-safe.
+    SIGNALLED.store(true, Ordering::SeqCst);
+}
+
+/// Routes SIGTERM and SIGINT to the drain instead of killing the process.
+pub fn install_signal_handlers() {
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: a zeroed sigaction with a plain handler is valid; the handler only stores an atomic.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_signal as *const () as libc::sighandler_t;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(signal, &action, std::ptr::null_mut());
+        }
+    }
+}
+
+/// Whether a drain has begun, and how many requests are being handled.
+pub struct Lifecycle {
+    draining: AtomicBool,
+    in_flight: AtomicUsize,
+}
+
+impl Lifecycle {
+    pub fn new() -> Lifecycle {
+        Lifecycle {
+            draining: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Counts a request as in flight until the guard is dropped.
+    pub fn track(&self) -> InFlight<'_> {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight(self)
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Blocks until a signal arrives, then marks the drain.
+    pub fn wait_for_signal(&self) {
+        while !SIGNALLED.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Waits until nothing is in flight and nothing new arrived for a moment (requests already read by
+    /// tiny_http but not yet picked up count as arriving), or until `deadline`. Returns what was left.
+    pub fn wait_for_idle(
+        &self,
+        deadline: Duration,
+        quiet: Duration,
+        last_activity: &dyn Fn() -> Instant,
+    ) -> usize {
+        let started = Instant::now();
+        loop {
+            let left = self.in_flight();
+            if left == 0 && last_activity().elapsed() >= quiet {
+                return 0;
+            }
+            if started.elapsed() >= deadline {
+                return left;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+pub struct InFlight<'a>(&'a Lifecycle);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit, so that many idle connections cannot exhaust it.
+pub fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+/// Hands freed heap pages back to the system. glibc keeps them after a burst of large requests, which shows
+/// as RSS that never comes down; musl returns them by itself.
+pub fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
