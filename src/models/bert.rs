@@ -142,7 +142,7 @@ impl Scratch {
             qkv: grown(&mut self.qkv, tokens * 3 * c.hidden),
             context: grown(&mut self.context, tokens * c.hidden),
             inner: grown(&mut self.inner, tokens * c.intermediate),
-            scores: grown(&mut self.scores, longest * longest),
+            scores: grown(&mut self.scores, Attention::scores_len(longest)),
         }
     }
 
@@ -166,7 +166,7 @@ struct Buffers<'a> {
     context: &'a mut [f32],
     /// [tokens, intermediate]
     inner: &'a mut [f32],
-    /// [longest, longest]: one head's attention scores.
+    /// One head's attention scores for one block of queries.
     scores: &'a mut [f32],
 }
 

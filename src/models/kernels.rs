@@ -213,13 +213,26 @@ pub struct Attention {
     pub heads: usize,
 }
 
+/// The most attention scores one block of queries may hold (4 MiB): a long sequence is processed in
+/// blocks of query rows, so that its memory grows linearly with its length, not quadratically.
+pub const MAX_SCORES: usize = 1 << 20;
+
 impl Attention {
     pub fn head_dim(&self) -> usize {
         self.hidden / self.heads
     }
 
+    /// The scratch `forward` needs for a sequence of `len` tokens.
+    pub fn scores_len(len: usize) -> usize {
+        Self::block_rows(len, MAX_SCORES) * len
+    }
+
+    fn block_rows(len: usize, max_scores: usize) -> usize {
+        (max_scores / len.max(1)).clamp(1, len.max(1))
+    }
+
     /// Attention of one unpadded sequence: `qkv` holds its `len` rows of `3·hidden`; the per-head
-    /// contexts go to `context` ([len, hidden]). `scores` is scratch of at least `len²` elements.
+    /// contexts go to `context` ([len, hidden]). `scores` is scratch of at least `scores_len(len)`.
     /// Rotary models rotate q and k inside `qkv` before calling.
     pub fn forward(
         &self,
@@ -229,39 +242,55 @@ impl Attention {
         scores: &mut [f32],
         threads: Threads,
     ) {
+        self.forward_in_blocks(qkv, len, context, scores, threads, MAX_SCORES);
+    }
+
+    fn forward_in_blocks(
+        &self,
+        qkv: &[f32],
+        len: usize,
+        context: &mut [f32],
+        scores: &mut [f32],
+        threads: Threads,
+        max_scores: usize,
+    ) {
         let (hidden, head_dim) = (self.hidden, self.head_dim());
         let stride = 3 * hidden;
         let scale = 1.0 / (head_dim as f32).sqrt();
-        let scores = &mut scores[..len * len];
+        let block = Self::block_rows(len, max_scores);
         // Splitting a short sequence's small products across threads costs more than it saves.
         let threads = if len < 128 { Threads::One } else { threads };
         for head in 0..self.heads {
-            let q = View::row_major(head * head_dim, len, head_dim, stride);
             let k = View::row_major(hidden + head * head_dim, len, head_dim, stride);
             let v = View::row_major(2 * hidden + head * head_dim, len, head_dim, stride);
-            gemm(
-                scores,
-                View::row_major(0, len, len, len),
-                false,
-                qkv,
-                q,
-                qkv,
-                k.transposed(),
-                scale,
-                threads,
-            );
-            softmax_rows(scores, len);
-            gemm(
-                context,
-                View::row_major(head * head_dim, len, head_dim, hidden),
-                false,
-                scores,
-                View::row_major(0, len, len, len),
-                qkv,
-                v,
-                1.0,
-                threads,
-            );
+            for first in (0..len).step_by(block) {
+                let rows = block.min(len - first);
+                let scores = &mut scores[..rows * len];
+                let q = View::row_major(first * stride + head * head_dim, rows, head_dim, stride);
+                gemm(
+                    scores,
+                    View::row_major(0, rows, len, len),
+                    false,
+                    qkv,
+                    q,
+                    qkv,
+                    k.transposed(),
+                    scale,
+                    threads,
+                );
+                softmax_rows(scores, len);
+                gemm(
+                    context,
+                    View::row_major(first * hidden + head * head_dim, rows, head_dim, hidden),
+                    false,
+                    scores,
+                    View::row_major(0, rows, len, len),
+                    qkv,
+                    v,
+                    1.0,
+                    threads,
+                );
+            }
         }
     }
 }
@@ -648,6 +677,28 @@ mod tests {
                     assert!((context[i * 4 + head * 2 + d] - expected).abs() < 1e-5);
                 }
             }
+        }
+    }
+
+    #[test]
+    fn attention_in_query_blocks_equals_attention_in_one() {
+        let attention = Attention {
+            hidden: 8,
+            heads: 2,
+        };
+        let len = 7;
+        let qkv: Vec<f32> = (0..len * 24)
+            .map(|i| ((i * 53) % 29) as f32 / 14.0 - 1.0)
+            .collect();
+        let mut whole = vec![0f32; len * 8];
+        let mut scores = vec![0f32; len * len];
+        attention.forward(&qkv, len, &mut whole, &mut scores, Threads::One);
+        // Blocks of 2 query rows (the last one a single row).
+        let mut blocked = vec![0f32; len * 8];
+        attention.forward_in_blocks(&qkv, len, &mut blocked, &mut scores, Threads::One, 2 * len);
+        assert_eq!(Attention::block_rows(len, 2 * len), 2);
+        for (a, b) in whole.iter().zip(&blocked) {
+            assert!((a - b).abs() < 1e-6);
         }
     }
 
