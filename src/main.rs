@@ -3,6 +3,11 @@
 use embedding_server::cli::{self, Command};
 use embedding_server::{commands, models, server};
 
+/// The static (musl) build swaps musl's allocator, which is slow under many threads, for mimalloc.
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let result = match cli::parse(std::env::args_os().skip(1)) {
         Ok(Command::Help) => {
@@ -22,6 +27,14 @@ fn main() {
         }
         Ok(Command::Export { dir, options }) => commands::export_models(&dir, &options),
         Ok(Command::Embed { texts, options }) => commands::embed(texts, &options),
+        // Health checkers (a container's HEALTHCHECK) read exit status 1 as unhealthy; 2 is reserved there.
+        Ok(Command::Health(options)) => match commands::health(&options) {
+            Ok(()) => Ok(()),
+            Err(message) => {
+                eprintln!("embedding-server: {message}");
+                std::process::exit(1);
+            }
+        },
         Ok(Command::Serve(options)) => {
             commands::load_models(&options).and_then(|models| server::serve(&options, models))
         }

@@ -1,5 +1,5 @@
 //! The command line: `embed`, `models`, `export-models` and its round trip through `--model-dir`,
-//! `--help` and `--version`.
+//! `health`, `--help` and `--version`.
 
 mod common;
 
@@ -154,4 +154,75 @@ fn flags_fall_back_to_environment_variables_and_the_flag_wins() {
             .status,
         200
     );
+}
+
+/// Runs the binary with `stdin` fed to it; returns its status code, stdout and stderr.
+fn run_with_stdin(args: &[&str], stdin: &str) -> (Option<i32>, Vec<u8>, String) {
+    use std::io::Write;
+    let mut child = Command::new(BINARY)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start the binary");
+    let mut pipe = child.stdin.take().unwrap();
+    pipe.write_all(stdin.as_bytes()).unwrap();
+    drop(pipe);
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        out.stdout,
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[test]
+fn embed_f32_writes_384_little_endian_floats_per_line_matching_the_reference() {
+    let case = reference_case("word-hello");
+    // More lines than one internal batch of 64, the last batch partial, the reference case in the second.
+    let mut lines: Vec<String> = (0..70).map(|i| format!("line number {i}")).collect();
+    lines[65] = case["text"].as_str().unwrap().to_string();
+    let (code, stdout, stderr) =
+        run_with_stdin(&["embed", "--format", "f32"], &(lines.join("\n") + "\n"));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stdout.len(), lines.len() * 384 * 4);
+    let floats_of = |line: usize| -> Vec<f32> {
+        stdout[line * 384 * 4..(line + 1) * 384 * 4]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    };
+    assert!(cosine(&floats_of(65), &floats(&case["embedding"])) >= 0.99999);
+    // stderr is a pipe here, not a terminal: no progress line in it.
+    assert!(!stderr.contains("embedded"), "{stderr}");
+}
+
+#[test]
+fn embed_rejects_an_unknown_format() {
+    let (ok, _, stderr) = run(&["embed", "--format", "f16", "hello"]);
+    assert!(!ok && stderr.contains("--format"), "{stderr}");
+}
+
+#[test]
+fn health_exits_0_for_a_live_server() {
+    let server = Server::start(&[]);
+    let port = server.port.to_string();
+    let (code, _, stderr) = run_with_stdin(&["health", "--port", &port], "");
+    assert_eq!(code, Some(0), "{stderr}");
+    // The address a server listening everywhere is configured with reaches it through loopback.
+    let (code, _, stderr) = run_with_stdin(&["health", "--host", "0.0.0.0", "--port", &port], "");
+    assert_eq!(code, Some(0), "{stderr}");
+}
+
+#[test]
+fn health_exits_1_when_nothing_answers() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (code, _, stderr) = run_with_stdin(&["health", "--port", &port.to_string()], "");
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("cannot connect"), "{stderr}");
 }

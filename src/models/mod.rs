@@ -2,6 +2,7 @@
 //! pooling. The server reaches models only through [`Model`]; nothing here knows of HTTP.
 
 mod bert;
+pub mod byte_planes;
 pub mod catalog;
 mod embedded;
 pub mod kernels;

@@ -7,6 +7,7 @@ mod errors;
 mod front_door;
 mod lifecycle;
 mod metrics;
+pub mod notify;
 mod queue;
 mod routes;
 
@@ -50,6 +51,8 @@ pub struct App {
     lifecycle: Lifecycle,
     /// When a worker last picked up a request: the drain waits for a quiet moment before exiting.
     last_request: Mutex<Instant>,
+    /// `--cors-allow-origin`: the origin browsers may call from; `None` sends no CORS headers.
+    cors_allow_origin: Option<String>,
 }
 
 impl App {
@@ -120,6 +123,7 @@ pub fn serve(options: &Options, models: Vec<Model>) -> Result<(), String> {
         auth,
         lifecycle: Lifecycle::new(),
         last_request: Mutex::new(Instant::now()),
+        cors_allow_origin: options.text("cors-allow-origin").map(String::from),
     });
 
     // One line per panic, whatever thread it happens on; the request it hit is answered 500 and logged.
@@ -147,6 +151,8 @@ pub fn serve(options: &Options, models: Vec<Model>) -> Result<(), String> {
         .spawn(move || accepting.run())
         .map_err(|e| format!("cannot start the accept thread: {e}"))?;
     println!("listening on http://{}", door.local_addr());
+    notify::ready();
+    notify::start_watchdog();
 
     for i in 0..threads {
         let server = Arc::clone(&server);
@@ -163,6 +169,7 @@ pub fn serve(options: &Options, models: Vec<Model>) -> Result<(), String> {
         .map_err(|e| format!("cannot start a thread: {e}"))?;
 
     app.lifecycle.wait_for_signal();
+    notify::stopping();
     eprintln!(
         "draining: no new connections; finishing {} request(s) on {} open connection(s)",
         app.lifecycle.in_flight(),
@@ -271,6 +278,7 @@ fn answer(app: &App, mut request: tiny_http::Request) {
     let route_path = path.split('?').next().unwrap_or("").to_string();
 
     let outgoing = match app.auth.check(&route_path, authorization.as_deref()) {
+        _ if routes::is_cors_preflight(app, &method) => routes::cors_preflight(),
         Err(error) => Outgoing::error(error),
         Ok(()) if declared.is_some_and(|n| n > limit) => {
             Outgoing::error(ApiError::too_large(limit))
@@ -292,6 +300,7 @@ fn answer(app: &App, mut request: tiny_http::Request) {
             Err(error) => Outgoing::error(error),
         },
     };
+    let outgoing = routes::with_cors(app, outgoing);
     if outgoing.status >= 400 {
         app.metrics.record_error(outgoing.status);
     }

@@ -63,6 +63,46 @@ pub fn handle(app: &App, request: &Incoming) -> Outgoing {
     )
 }
 
+/// Whether `method` is a CORS preflight this server answers: only with `--cors-allow-origin`. Browsers send
+/// preflights without credentials, so they are answered before authentication counts.
+pub fn is_cors_preflight(app: &App, method: &str) -> bool {
+    app.cors_allow_origin.is_some() && method == "OPTIONS"
+}
+
+/// The answer to a CORS preflight: which methods and headers a cross-origin request may use.
+pub fn cors_preflight() -> Outgoing {
+    Outgoing {
+        status: 204,
+        headers: vec![
+            (
+                "Access-Control-Allow-Methods",
+                "GET, POST, OPTIONS".to_string(),
+            ),
+            (
+                "Access-Control-Allow-Headers",
+                "Content-Type, Authorization".to_string(),
+            ),
+            ("Access-Control-Max-Age", "86400".to_string()),
+        ],
+        ..Outgoing::json(String::new())
+    }
+}
+
+/// Adds the CORS headers `--cors-allow-origin` asks for to any answer, errors included (a browser hides
+/// an error's body from the page otherwise).
+pub fn with_cors(app: &App, mut outgoing: Outgoing) -> Outgoing {
+    if let Some(origin) = &app.cors_allow_origin {
+        outgoing
+            .headers
+            .push(("Access-Control-Allow-Origin", origin.clone()));
+        // A cache must not hand one origin's answer to another when the allowed origin is not a wildcard.
+        if origin != "*" {
+            outgoing.headers.push(("Vary", "Origin".to_string()));
+        }
+    }
+    outgoing
+}
+
 fn contain_panics(
     request: &Incoming,
     count_panic: impl FnOnce(),
