@@ -56,7 +56,7 @@ pub const FLAGS: &[Flag] = &[
     flag("max-body-bytes", "BYTES", "2097152", "largest request body; larger gets 413"),
     flag("max-inputs", "N", "2048", "most inputs in one request; more gets 400"),
     flag("max-request-tokens", "N", "300000", "most tokens in one request, summed after truncation; more gets 400"),
-    flag("max-batch-tokens", "N", "16384", "token budget of one batch the engine runs (padded length × inputs)"),
+    flag("max-batch-tokens", "N", "16384", "token budget of one batch the engine runs (the sum of its inputs' tokens; nothing is padded)"),
     flag("queue-capacity", "N", "16384", "most inputs waiting for the engine; a request that would exceed it gets 429"),
     flag("request-timeout", "SECONDS", "60", "a request still waiting for the engine after this long gets 503"),
     flag("body-timeout", "SECONDS", "10", "a request body still arriving after this long gets 408 (slow clients)"),

@@ -10,11 +10,33 @@ use std::time::{Duration, Instant};
 use common::Server;
 use serde_json::json;
 
+/// One whole response: headers and body may arrive in separate segments (the server sets TCP_NODELAY), so
+/// reading once could leave the body behind for the next request to find.
 fn get_on(stream: &mut TcpStream, path: &str) -> String {
     write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut response = Vec::new();
     let mut buffer = [0u8; 4096];
-    let n = stream.read(&mut buffer).unwrap_or(0);
-    String::from_utf8_lossy(&buffer[..n]).to_string()
+    loop {
+        let text = String::from_utf8_lossy(&response).to_string();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().to_string())
+                })
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(0);
+            if response.len() >= end + 4 + length {
+                return text;
+            }
+        }
+        match stream.read(&mut buffer) {
+            Ok(0) | Err(_) => return String::from_utf8_lossy(&response).to_string(),
+            Ok(n) => response.extend_from_slice(&buffer[..n]),
+        }
+    }
 }
 
 #[test]

@@ -1,10 +1,14 @@
 //! BERT (all-MiniLM-L6-v2): absolute position embeddings, post-norm layers, exact erf-GELU.
+//!
+//! The batch runs unpadded: every dense layer works on the packed `[total tokens, hidden]` matrix of all
+//! sequences, attention runs per sequence, and the sequences are split between the cores by cost so that
+//! each core runs its share through all layers without waiting for the other.
 
-use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{ops, Linear, VarBuilder};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 use serde_json::Value;
 
-use super::pooling;
+use super::kernels::{self, Attention, LayerNorm, Linear, Threads};
 use super::{Encoder, ModelError};
 
 /// The hyper-parameters read from the model's config.json.
@@ -50,24 +54,33 @@ impl Config {
     }
 }
 
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f32,
+fn to_vec(tensor: Tensor) -> candle_core::Result<Vec<f32>> {
+    tensor.flatten_all()?.to_vec1::<f32>()
 }
 
-impl LayerNorm {
-    fn load(vb: VarBuilder, size: usize, eps: f64) -> candle_core::Result<LayerNorm> {
-        Ok(LayerNorm {
-            weight: vb.get(size, "weight")?,
-            bias: vb.get(size, "bias")?,
-            eps: eps as f32,
-        })
-    }
+fn layer_norm(vb: VarBuilder, size: usize, eps: f64) -> candle_core::Result<LayerNorm> {
+    Ok(LayerNorm {
+        weight: to_vec(vb.get(size, "weight")?)?,
+        bias: to_vec(vb.get(size, "bias")?)?,
+        eps: eps as f32,
+    })
+}
 
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        ops::layer_norm(xs, &self.weight, &self.bias, self.eps)
-    }
+/// `(weight [outputs, inputs], bias)` of one PyTorch `Linear`.
+fn dense(
+    vb: VarBuilder,
+    inputs: usize,
+    outputs: usize,
+) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
+    Ok((
+        to_vec(vb.get((outputs, inputs), "weight")?)?,
+        to_vec(vb.get(outputs, "bias")?)?,
+    ))
+}
+
+fn linear(vb: VarBuilder, inputs: usize, outputs: usize) -> candle_core::Result<Linear> {
+    let (weight, bias) = dense(vb, inputs, outputs)?;
+    Ok(Linear::new(&weight, bias, inputs, outputs))
 }
 
 struct Layer {
@@ -80,77 +93,95 @@ struct Layer {
     output_norm: LayerNorm,
 }
 
-fn linear(vb: VarBuilder, inputs: usize, outputs: usize) -> candle_core::Result<Linear> {
-    Ok(Linear::new(
-        vb.get((outputs, inputs), "weight")?,
-        Some(vb.get(outputs, "bias")?),
-    ))
-}
-
 impl Layer {
     fn load(vb: VarBuilder, c: &Config) -> candle_core::Result<Layer> {
         let attention = vb.pp("attention");
-        let projections = ["query", "key", "value"]
-            .map(|name| linear(attention.pp("self").pp(name), c.hidden, c.hidden));
-        let [q, k, v] = projections;
-        let (q, k, v) = (q?, k?, v?);
-        let weight = Tensor::cat(&[q.weight(), k.weight(), v.weight()], 0)?;
-        let bias = Tensor::cat(
-            &[q.bias().unwrap(), k.bias().unwrap(), v.bias().unwrap()],
-            0,
-        )?;
+        let mut weight = Vec::with_capacity(3 * c.hidden * c.hidden);
+        let mut bias = Vec::with_capacity(3 * c.hidden);
+        for name in ["query", "key", "value"] {
+            let (w, b) = dense(attention.pp("self").pp(name), c.hidden, c.hidden)?;
+            weight.extend(w);
+            bias.extend(b);
+        }
         Ok(Layer {
-            qkv: Linear::new(weight, Some(bias)),
+            qkv: Linear::new(&weight, bias, c.hidden, 3 * c.hidden),
             attention_out: linear(attention.pp("output").pp("dense"), c.hidden, c.hidden)?,
-            attention_norm: LayerNorm::load(
-                attention.pp("output").pp("LayerNorm"),
-                c.hidden,
-                c.eps,
-            )?,
+            attention_norm: layer_norm(attention.pp("output").pp("LayerNorm"), c.hidden, c.eps)?,
             intermediate: linear(vb.pp("intermediate").pp("dense"), c.hidden, c.intermediate)?,
             output: linear(vb.pp("output").pp("dense"), c.intermediate, c.hidden)?,
-            output_norm: LayerNorm::load(vb.pp("output").pp("LayerNorm"), c.hidden, c.eps)?,
+            output_norm: layer_norm(vb.pp("output").pp("LayerNorm"), c.hidden, c.eps)?,
         })
     }
+}
 
-    /// `xs`: [batch, seq, hidden]; `mask`: additive [batch, 1, 1, seq].
-    fn forward(&self, xs: &Tensor, mask: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
-        let (batch, seq, hidden) = xs.dims3()?;
-        let head_dim = hidden / heads;
-        let qkv = self
-            .qkv
-            .forward(xs)?
-            .reshape((batch, seq, 3, heads, head_dim))?;
-        let split = |i: usize| {
-            qkv.narrow(2, i, 1)?
-                .squeeze(2)?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let (q, k, v) = (split(0)?, split(1)?, split(2)?);
-        let scale = 1.0 / (head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
-        let probs = ops::softmax_last_dim(&scores)?;
-        let context = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((batch, seq, hidden))?;
-        let xs = self
-            .attention_norm
-            .forward(&(self.attention_out.forward(&context)? + xs)?)?;
-        let inner = self.intermediate.forward(&xs)?.gelu_erf()?;
-        self.output_norm
-            .forward(&(self.output.forward(&inner)? + xs)?)
+/// The working memory of one core's share of a batch. Kept between batches (see `Bert::scratch`), so that
+/// a batch neither allocates nor page-faults its buffers in; they only ever grow.
+#[derive(Default)]
+struct Scratch {
+    states: Vec<f32>,
+    qkv: Vec<f32>,
+    context: Vec<f32>,
+    inner: Vec<f32>,
+    scores: Vec<f32>,
+}
+
+/// A scratch bigger than this (a batch of several thousand tokens) is freed after use rather than kept.
+const KEEP_SCRATCH_BYTES: usize = 64 << 20;
+
+fn grown(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buffer.len() < len {
+        buffer.resize(len, 0.0);
     }
+    &mut buffer[..len]
+}
+
+impl Scratch {
+    fn buffers(&mut self, tokens: usize, longest: usize, c: &Config) -> Buffers<'_> {
+        Buffers {
+            states: grown(&mut self.states, tokens * c.hidden),
+            qkv: grown(&mut self.qkv, tokens * 3 * c.hidden),
+            context: grown(&mut self.context, tokens * c.hidden),
+            inner: grown(&mut self.inner, tokens * c.intermediate),
+            scores: grown(&mut self.scores, Attention::scores_len(longest)),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        let floats = self.states.capacity()
+            + self.qkv.capacity()
+            + self.context.capacity()
+            + self.inner.capacity()
+            + self.scores.capacity();
+        floats * std::mem::size_of::<f32>()
+    }
+}
+
+/// One batch's views of a scratch.
+struct Buffers<'a> {
+    /// [tokens, hidden]: the hidden states, updated in place layer after layer.
+    states: &'a mut [f32],
+    /// [tokens, 3·hidden]
+    qkv: &'a mut [f32],
+    /// [tokens, hidden]
+    context: &'a mut [f32],
+    /// [tokens, intermediate]
+    inner: &'a mut [f32],
+    /// One head's attention scores for one block of queries.
+    scores: &'a mut [f32],
 }
 
 pub struct Bert {
     config: Config,
-    word_embeddings: Tensor,
-    position_embeddings: Tensor,
-    token_type_embedding: Tensor,
+    /// [vocab, hidden]
+    word_embeddings: Vec<f32>,
+    /// [max_positions, hidden]
+    position_embeddings: Vec<f32>,
+    /// Every input is one segment, so only the first token type's vector is ever added.
+    token_type_embedding: Vec<f32>,
     embedding_norm: LayerNorm,
     layers: Vec<Layer>,
+    /// Scratches of earlier batches, one per core that ran a share.
+    scratch: std::sync::Mutex<Vec<Scratch>>,
 }
 
 impl Bert {
@@ -170,15 +201,21 @@ impl Bert {
                 .map(|i| Layer::load(vb.pp("encoder").pp("layer").pp(i), &c))
                 .collect::<candle_core::Result<Vec<_>>>()?;
             Ok(Bert {
-                word_embeddings: embeddings.get((c.vocab, c.hidden), "word_embeddings.weight")?,
-                position_embeddings: embeddings
-                    .get((c.max_positions, c.hidden), "position_embeddings.weight")?,
-                token_type_embedding: embeddings
-                    .get((2, c.hidden), "token_type_embeddings.weight")?
-                    .get(0)?,
-                embedding_norm: LayerNorm::load(embeddings.pp("LayerNorm"), c.hidden, c.eps)?,
+                word_embeddings: to_vec(
+                    embeddings.get((c.vocab, c.hidden), "word_embeddings.weight")?,
+                )?,
+                position_embeddings: to_vec(
+                    embeddings.get((c.max_positions, c.hidden), "position_embeddings.weight")?,
+                )?,
+                token_type_embedding: to_vec(
+                    embeddings
+                        .get((2, c.hidden), "token_type_embeddings.weight")?
+                        .get(0)?,
+                )?,
+                embedding_norm: layer_norm(embeddings.pp("LayerNorm"), c.hidden, c.eps)?,
                 layers,
                 config: c,
+                scratch: std::sync::Mutex::new(Vec::new()),
             })
         };
         load().map_err(|e| {
@@ -186,43 +223,113 @@ impl Bert {
         })
     }
 
-    /// Runs one padded batch of sequences of similar length; returns the mean-pooled states.
-    fn forward_padded(&self, batch: &[&[u32]]) -> candle_core::Result<Vec<Vec<f32>>> {
-        let seq = batch.iter().map(|ids| ids.len()).max().unwrap_or(0);
-        let mut ids = Vec::with_capacity(batch.len() * seq);
-        let mut mask = Vec::with_capacity(batch.len() * seq);
-        for sequence in batch {
-            ids.extend_from_slice(sequence);
-            ids.resize(ids.len() + seq - sequence.len(), 0);
-            mask.extend(std::iter::repeat_n(1f32, sequence.len()));
-            mask.resize(mask.len() + seq - sequence.len(), 0.0);
+    /// Relative cost of one sequence: the dense layers grow with its length, attention with its square.
+    fn cost(&self, len: usize) -> f64 {
+        let c = &self.config;
+        let dense = c.hidden * (4 * c.hidden + 2 * c.intermediate);
+        (len * dense + 2 * len * len * c.hidden) as f64
+    }
+
+    /// Runs `sequences` through the network on the calling thread (its GEMMs using `threads`); returns
+    /// their mean-pooled final states.
+    fn forward(&self, sequences: &[&[u32]], threads: Threads) -> Vec<Vec<f32>> {
+        let c = &self.config;
+        let lengths: Vec<usize> = sequences.iter().map(|s| s.len()).collect();
+        let tokens: usize = lengths.iter().sum();
+        let longest = lengths.iter().copied().max().unwrap_or(0);
+        let mut scratch = self.take_scratch();
+        let pooled = self.forward_in(
+            sequences,
+            &lengths,
+            scratch.buffers(tokens, longest, c),
+            threads,
+        );
+        self.give_back(scratch);
+        pooled
+    }
+
+    fn take_scratch(&self) -> Scratch {
+        let mut pool = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        pool.pop().unwrap_or_default()
+    }
+
+    fn give_back(&self, scratch: Scratch) {
+        if scratch.bytes() <= KEEP_SCRATCH_BYTES {
+            let mut pool = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+            pool.push(scratch);
         }
-        let device = Device::Cpu;
-        let ids = Tensor::from_vec(ids, (batch.len() * seq,), &device)?;
-        let mask = Tensor::from_vec(mask, (batch.len(), seq), &device)?;
-        let words = self.word_embeddings.index_select(&ids, 0)?.reshape((
-            batch.len(),
-            seq,
-            self.config.hidden,
-        ))?;
-        let positions = self.position_embeddings.narrow(0, 0, seq)?;
-        let embedded = words
-            .broadcast_add(&positions)?
-            .broadcast_add(&self.token_type_embedding)?;
-        let mut xs = self.embedding_norm.forward(&embedded)?;
-        // Padded keys get -inf-like logits so that they weigh nothing, as the reference does.
-        let additive = ((mask.ones_like()? - &mask)? * -1e30f64)?
-            .unsqueeze(1)?
-            .unsqueeze(1)?;
+    }
+
+    fn forward_in(
+        &self,
+        sequences: &[&[u32]],
+        lengths: &[usize],
+        mut buffers: Buffers,
+        threads: Threads,
+    ) -> Vec<Vec<f32>> {
+        let c = &self.config;
+        let hidden = c.hidden;
+        let mut rows = buffers.states.chunks_exact_mut(hidden);
+        for sequence in sequences {
+            for (position, &id) in sequence.iter().enumerate() {
+                let row = rows.next().expect("one row per token");
+                let word = &self.word_embeddings[id as usize * hidden..][..hidden];
+                let place = &self.position_embeddings[position * hidden..][..hidden];
+                for (((x, w), p), t) in row
+                    .iter_mut()
+                    .zip(word)
+                    .zip(place)
+                    .zip(&self.token_type_embedding)
+                {
+                    *x = w + p + t;
+                }
+            }
+        }
+        self.embedding_norm.forward(buffers.states);
+
+        let attention = Attention {
+            hidden,
+            heads: c.heads,
+        };
         for layer in &self.layers {
-            xs = layer.forward(&xs, &additive, self.config.heads)?;
+            self.layer(layer, &attention, lengths, &mut buffers, threads);
         }
-        let states = xs.to_vec3::<f32>()?;
-        Ok(batch
-            .iter()
-            .zip(states)
-            .map(|(sequence, rows)| pooling::mean(&rows[..sequence.len()]))
-            .collect())
+        kernels::mean_rows(buffers.states, hidden, lengths)
+    }
+
+    fn layer(
+        &self,
+        layer: &Layer,
+        attention: &Attention,
+        lengths: &[usize],
+        s: &mut Buffers,
+        threads: Threads,
+    ) {
+        let hidden = self.config.hidden;
+        let tokens = s.states.len() / hidden;
+        layer.qkv.forward(s.states, s.qkv, tokens, threads);
+        let mut start = 0;
+        for &len in lengths {
+            attention.forward(
+                &s.qkv[start * 3 * hidden..(start + len) * 3 * hidden],
+                len,
+                &mut s.context[start * hidden..(start + len) * hidden],
+                s.scores,
+                threads,
+            );
+            start += len;
+        }
+        layer
+            .attention_out
+            .forward_residual(s.context, s.states, tokens, threads);
+        layer.attention_norm.forward(s.states);
+        layer
+            .intermediate
+            .forward_gelu(s.states, s.inner, tokens, threads);
+        layer
+            .output
+            .forward_residual(s.inner, s.states, tokens, threads);
+        layer.output_norm.forward(s.states);
     }
 }
 
@@ -236,8 +343,61 @@ impl Encoder for Bert {
     }
 
     fn encode(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, ModelError> {
-        pooling::in_length_groups(batch, |group| {
-            self.forward_padded(group).map_err(ModelError::internal)
-        })
+        let c = &self.config;
+        for sequence in batch {
+            if sequence.len() > c.max_positions {
+                return Err(ModelError::invalid(format!(
+                    "a sequence of {} tokens is longer than the model's {} positions",
+                    sequence.len(),
+                    c.max_positions
+                )));
+            }
+            if let Some(bad) = sequence.iter().find(|&&id| id as usize >= c.vocab) {
+                return Err(ModelError::invalid(format!(
+                    "token id {bad} is outside the vocabulary (0..{})",
+                    c.vocab
+                )));
+            }
+        }
+        let cores = candle_core::utils::get_num_threads().max(1);
+        let costs: Vec<f64> = batch.iter().map(|s| self.cost(s.len())).collect();
+        let total: f64 = costs.iter().sum();
+        let groups = kernels::balance(&costs, cores);
+        let heaviest = groups
+            .iter()
+            .map(|g| g.iter().map(|&i| costs[i]).sum::<f64>())
+            .fold(0f64, f64::max);
+        // Independent shares need no synchronisation, so they beat splitting every GEMM across the cores,
+        // unless one sequence dominates the batch (a single input, one long among short ones).
+        if groups.len() < 2 || heaviest > total * 1.2 / groups.len() as f64 {
+            return Ok(self.forward(batch, Threads::Pool(cores)));
+        }
+        let shares: Vec<Vec<&[u32]>> = groups
+            .iter()
+            .map(|g| g.iter().map(|&i| batch[i]).collect())
+            .collect();
+        let pooled: Vec<Vec<Vec<f32>>> = std::thread::scope(|scope| {
+            let (first, rest) = shares.split_first().expect("at least two shares");
+            let handles: Vec<_> = rest
+                .iter()
+                .map(|share| scope.spawn(move || self.forward(share, Threads::One)))
+                .collect();
+            let mut pooled = vec![self.forward(first, Threads::One)];
+            for handle in handles {
+                pooled.push(
+                    handle
+                        .join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                );
+            }
+            pooled
+        });
+        let mut results = vec![Vec::new(); batch.len()];
+        for (group, vectors) in groups.iter().zip(pooled) {
+            for (&i, vector) in group.iter().zip(vectors) {
+                results[i] = vector;
+            }
+        }
+        Ok(results)
     }
 }

@@ -1,12 +1,11 @@
 //! Models: the catalog, loading (from the embedded copy or a directory), tokenisation, the architectures and
 //! pooling. The server reaches models only through [`Model`]; nothing here knows of HTTP.
 
-// bert.rs belongs to the BERT optimisation branch; this toolchain's clippy flags one modulo test in it.
-// Drop this allow when that branch lands.
 mod bert;
 pub mod byte_planes;
 pub mod catalog;
 mod embedded;
+pub mod kernels;
 mod nomic_bert;
 mod pooling;
 mod tokenize;

@@ -1,8 +1,7 @@
-//! From token states to the vector a client receives: pooling, the v1.5 layer norm, Matryoshka truncation
-//! and L2 normalisation, plus grouping a batch by length so that padding costs little.
+//! From token states to the vector a client receives: mean pooling, the v1.5 layer norm, Matryoshka
+//! truncation and L2 normalisation. (BERT pools its packed states itself, with `kernels::mean_rows`.)
 
 use super::catalog::ModelSpec;
-use super::ModelError;
 
 /// The mean of `rows` (token states of one sequence, padding excluded).
 pub fn mean(rows: &[Vec<f32>]) -> Vec<f32> {
@@ -47,37 +46,4 @@ pub fn finish(spec: &ModelSpec, mut pooled: Vec<f32>, dims: usize) -> Vec<f32> {
         }
     }
     pooled
-}
-
-/// Runs `run` over groups of sequences of similar length (sorted, so a group pads little) and returns the
-/// results in the order of `batch`.
-pub fn in_length_groups<F>(batch: &[&[u32]], mut run: F) -> Result<Vec<Vec<f32>>, ModelError>
-where
-    F: FnMut(&[&[u32]]) -> Result<Vec<Vec<f32>>, ModelError>,
-{
-    const MAX_GROUP: usize = 64;
-    let mut order: Vec<usize> = (0..batch.len()).collect();
-    order.sort_by_key(|&i| batch[i].len());
-    let mut results: Vec<Option<Vec<f32>>> = vec![None; batch.len()];
-    let mut start = 0;
-    while start < order.len() {
-        let shortest = batch[order[start]].len();
-        let mut end = start + 1;
-        // A group grows while its longest member is at most 25% (+8 tokens) longer than its shortest.
-        while end < order.len()
-            && end - start < MAX_GROUP
-            && batch[order[end]].len() <= shortest + shortest / 4 + 8
-        {
-            end += 1;
-        }
-        let group: Vec<&[u32]> = order[start..end].iter().map(|&i| batch[i]).collect();
-        for (&i, vector) in order[start..end].iter().zip(run(&group)?) {
-            results[i] = Some(vector);
-        }
-        start = end;
-    }
-    results
-        .into_iter()
-        .map(|r| r.ok_or_else(|| ModelError::new("the encoder returned too few vectors")))
-        .collect()
 }
