@@ -392,3 +392,56 @@ fn error_messages_do_not_echo_whole_inputs() {
         "no request content in the log"
     );
 }
+
+#[test]
+fn pipelined_requests_are_answered_in_order_and_a_vanishing_client_harms_nobody() {
+    let s = server();
+    let mut stream = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let request = |text: &str| {
+        let body = json!({"input": text}).to_string();
+        format!("POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+    };
+    let pipelined = format!(
+        "{}GET /v1/models/nope HTTP/1.1\r\nHost: x\r\n\r\n{}GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        request("first"),
+        request("second")
+    );
+    stream.write_all(pipelined.as_bytes()).unwrap();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let text = String::from_utf8_lossy(&answer);
+    let statuses: Vec<&str> = text
+        .match_indices("HTTP/1.1 ")
+        .map(|(i, _)| &text[i + 9..i + 12])
+        .collect();
+    assert_eq!(
+        statuses,
+        ["200", "404", "200", "200"],
+        "in order: {}",
+        &text[..text.len().min(400)]
+    );
+
+    // Clients that send a large request and vanish before the answer.
+    for _ in 0..5 {
+        let mut gone = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+        let inputs: Vec<String> = (0..64)
+            .map(|i| format!("{i} {}", "text ".repeat(50)))
+            .collect();
+        let body = json!({"input": inputs}).to_string();
+        let head = format!("POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len());
+        gone.write_all(head.as_bytes()).unwrap();
+        gone.write_all(body.as_bytes()).unwrap();
+        drop(gone);
+    }
+    assert_eq!(
+        s.post(
+            "/v1/embeddings",
+            &json!({"input": "after the vanished clients"})
+        )
+        .status,
+        200
+    );
+}
