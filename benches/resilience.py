@@ -255,6 +255,7 @@ def main():
         print(f"  p99 ratio (attack/quiet): {percentile(attacked, 99) / percentile(quiet, 99):.2f}")
 
         soak(port, min(20, args.soak_seconds / 5))  # warm-up: the allocator reaches its working set
+        time.sleep(3)  # both readings are taken after the same pause, in which the server trims its heap
         before = rss_mib(proc.pid)
         counts = soak(port, args.soak_seconds)
         time.sleep(3)  # the server trims its heap once traffic pauses
