@@ -637,9 +637,12 @@ fn every_error_the_server_can_be_made_to_give_fits_the_document() {
 #[test]
 fn a_timed_out_request_gets_the_documented_503() {
     let doc = document();
-    // No engine answers within a microsecond.
+    // No engine embeds 64 long inputs within a microsecond, however descheduled the waiting worker is.
     let s = Server::start(&["--request-timeout", "0.000001"]);
-    let response = s.post("/v1/embeddings", &json!({"input": "a"}));
+    let inputs: Vec<String> = (0..64)
+        .map(|i| format!("{i} {}", "long text ".repeat(100)))
+        .collect();
+    let response = s.post("/v1/embeddings", &json!({ "input": inputs }));
     assert_eq!(response.status, 503, "{}", response.text());
     check_operation_response(doc, "/v1/embeddings", "POST", &response);
 }
