@@ -24,12 +24,7 @@ struct Config {
 
 impl Config {
     fn parse(config: &Value) -> Result<Config, ModelError> {
-        let int = |key: &str| {
-            config[key]
-                .as_u64()
-                .map(|v| v as usize)
-                .ok_or_else(|| ModelError::new(format!("config.json lacks the integer \"{key}\"")))
-        };
+        let int = |key: &str| super::config_usize(config, key);
         let act = config["hidden_act"].as_str().unwrap_or("gelu");
         if act != "gelu" {
             return Err(ModelError::new(format!(

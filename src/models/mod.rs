@@ -139,6 +139,14 @@ impl Source {
     }
 }
 
+/// An integer of a model's config.json, or an error naming the missing key.
+fn config_usize(config: &serde_json::Value, key: &str) -> Result<usize, ModelError> {
+    config[key]
+        .as_u64()
+        .map(|v| v as usize)
+        .ok_or_else(|| ModelError::new(format!("config.json lacks the integer \"{key}\"")))
+}
+
 pub fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes)
         .iter()

@@ -39,12 +39,7 @@ struct Config {
 
 impl Config {
     fn parse(config: &Value) -> Result<Config, ModelError> {
-        let int = |key: &str| {
-            config[key]
-                .as_u64()
-                .map(|v| v as usize)
-                .ok_or_else(|| ModelError::new(format!("config.json lacks the integer \"{key}\"")))
-        };
+        let int = |key: &str| super::config_usize(config, key);
         let unsupported = |key: &str, found: &Value, supported: &str| {
             ModelError::new(format!(
                 "config.json: NomicBERT with {key} = {found} is not supported (only {supported})"
