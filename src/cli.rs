@@ -40,18 +40,34 @@ const fn flag(
     }
 }
 
+/// A flag that may be given more than once; its environment variable takes a comma-separated list.
+const fn repeated(name: &'static str, value: &'static str, help: &'static str) -> Flag {
+    Flag {
+        name,
+        value: Some(value),
+        default: "",
+        help,
+        repeats: true,
+    }
+}
+
+/// A flag that takes no value.
+const fn switch(name: &'static str, help: &'static str) -> Flag {
+    Flag {
+        name,
+        value: None,
+        default: "",
+        help,
+        repeats: false,
+    }
+}
+
 /// Every flag of every subcommand.
 pub const FLAGS: &[Flag] = &[
     flag("host", "ADDR", "127.0.0.1", "address to listen on (0.0.0.0 for every interface)"),
     flag("port", "PORT", "5000", "port to listen on; 0 picks a free one (the address is printed)"),
     flag("threads", "N", "16", "HTTP worker threads (requests handled at once; they wait on the batching queue)"),
-    Flag {
-        name: "model",
-        value: Some("NAME"),
-        default: "",
-        help: "load this model (repeatable; env: comma-separated); default: every model the source has",
-        repeats: true,
-    },
+    repeated("model", "NAME", "load this model (repeatable; env: comma-separated); default: every model the source has"),
     flag("model-dir", "DIR", "", "load models from DIR/<model>/ (the layout export-models writes), not the embedded copy"),
     flag("max-body-bytes", "BYTES", "2097152", "largest request body; larger gets 413"),
     flag("max-inputs", "N", "2048", "most inputs in one request; more gets 400"),
@@ -64,34 +80,10 @@ pub const FLAGS: &[Flag] = &[
     flag("header-timeout", "SECONDS", "10", "close a connection whose request head takes longer than this (slowloris)"),
     flag("max-connections", "N", "1024", "most open client connections; more get 503 and are closed"),
     flag("shutdown-timeout", "SECONDS", "30", "on SIGTERM/SIGINT, finish accepted requests for at most this long, then exit"),
-    Flag {
-        name: "api-key",
-        value: Some("KEY"),
-        default: "",
-        help: "require Authorization: Bearer KEY on every route but /health (repeatable; env: comma-separated)",
-        repeats: true,
-    },
-    Flag {
-        name: "api-key-file",
-        value: Some("FILE"),
-        default: "",
-        help: "read API keys from FILE, one per line (repeatable)",
-        repeats: true,
-    },
-    Flag {
-        name: "metrics-auth",
-        value: None,
-        default: "",
-        help: "require the API key on /metrics too",
-        repeats: false,
-    },
-    Flag {
-        name: "no-truncate",
-        value: None,
-        default: "",
-        help: "refuse (400) inputs longer than the model's maximum instead of truncating them",
-        repeats: false,
-    },
+    repeated("api-key", "KEY", "require Authorization: Bearer KEY on every route but /health (repeatable; env: comma-separated)"),
+    repeated("api-key-file", "FILE", "read API keys from FILE, one per line (repeatable)"),
+    switch("metrics-auth", "require the API key on /metrics too"),
+    switch("no-truncate", "refuse (400) inputs longer than the model's maximum instead of truncating them"),
     flag("cors-allow-origin", "ORIGIN", "", "answer browsers from ORIGIN (e.g. https://app.example, or *): send Access-Control-Allow-Origin and answer OPTIONS preflights; off by default"),
     flag("format", "FORMAT", "json", "embed: output format, json (JSON lines) or f32 (raw little-endian floats)"),
 ];
