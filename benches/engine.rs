@@ -19,7 +19,10 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config as BertConfig};
-use embedding_server::models::kernels::{Linear, Threads};
+use std::sync::Mutex;
+
+use embedding_server::models::kernels::gemm::{self, Epilogue, Packed};
+use embedding_server::models::kernels::{pool, Precision};
 use embedding_server::models::{catalog, Input, Model, Source};
 
 const MODEL: &str = "all-MiniLM-L6-v2";
@@ -73,7 +76,7 @@ impl Shapes {
 
 fn main() {
     let options = options();
-    let cores = candle_core::utils::get_num_threads().max(1);
+    let cores = pool::global().threads();
     let spec = catalog::find(MODEL).expect("the catalog lists all-MiniLM-L6-v2");
     let started = Instant::now();
     let model = Model::load(spec, &Source::Embedded).expect("the embedded model loads");
@@ -125,6 +128,30 @@ fn main() {
     let flops_per_token = shapes.flops_per_token();
 
     if options.engine_only {
+        let probe = probe_gemm(&shapes, tokens / batches.len(), Precision::F32);
+        let rate = probe.work / probe.cpu * cores as f64;
+        println!(
+            "  GEMM {:.1} GFLOPS by wall clock, {:.1} by CPU time (CPU share {:.2})",
+            probe.work / probe.wall / 1e9,
+            rate / 1e9,
+            probe.share(cores)
+        );
+        let median = sequences[sequences.len() / 2].as_slice();
+        let (p50, p90) = latency(|| {
+            model.encode(&[median]).expect("engine");
+        });
+        let ((), t) = timed(|| {
+            for _ in 0..50 {
+                model.encode(&[median]).expect("engine");
+            }
+        });
+        println!(
+            "  single {} tokens: p50 {p50:.2} ms p90 {p90:.2} ms; CPU {:.2} ms per input (ideal at the CPU-time GEMM rate {:.2} ms of {} cores)",
+            median.len(),
+            t.cpu * 1000.0 / 50.0,
+            median.len() as f64 * flops_per_token / rate * 1000.0 * cores as f64,
+            cores
+        );
         for pass in 1..=options.passes {
             let ((), t) = timed(|| {
                 for batch in &batches {
@@ -168,7 +195,7 @@ fn main() {
     let mut engine = Rates::default();
     let mut worst_difference = 0f32;
     for pass in 1..=options.passes {
-        let probe = probe_gemm(&shapes, rows);
+        let probe = probe_gemm(&shapes, rows, Precision::F32);
         gemm.add(probe, cores);
         let (stock_vectors, stock_pass) = timed(|| {
             batches
@@ -289,71 +316,60 @@ fn main() {
     sentence_transformers(spec, tokens, &lines, stock_rate, engine_rate);
 }
 
-/// Runs the dense layers of one transformer layer at the model's shapes on random weights, the way the
-/// engine does for a batch (each core its half of the rows, or every GEMM split across the cores; the
-/// better of the two counts), for about two seconds; returns the FLOPs done and the time they took.
-fn probe_gemm(shapes: &Shapes, rows: usize) -> Timing {
+/// Runs the dense layers of one transformer layer at the model's shapes on random weights the way the
+/// engine runs a batch of many inputs (each thread of the engine's pool its share of the rows through
+/// the packed-weight products of `precision`), for about a second; returns the FLOPs done and the time.
+fn probe_gemm(shapes: &Shapes, rows: usize, precision: Precision) -> Timing {
     let (h, i) = (shapes.hidden, shapes.intermediate);
-    let random = |n: usize, seed: u64| -> Vec<f32> {
-        let mut state = seed;
-        (0..n)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
-            })
-            .collect()
-    };
     let layers = [
-        Linear::new(&random(3 * h * h, 1), random(3 * h, 2), h, 3 * h),
-        Linear::new(&random(h * h, 3), random(h, 4), h, h),
-        Linear::new(&random(i * h, 5), random(i, 6), h, i),
-        Linear::new(&random(h * i, 7), random(h, 8), i, h),
+        Packed::new(&random(3 * h * h, 1), h, 3 * h, precision),
+        Packed::new(&random(h * h, 3), h, h, precision),
+        Packed::new(&random(i * h, 5), h, i, precision),
+        Packed::new(&random(h * i, 7), i, h, precision),
     ];
-    let cores = candle_core::utils::get_num_threads().max(1);
-    let input = random(rows * i, 9);
-    let widest = i.max(3 * h);
-    let run = |rows: usize, output: &mut [f32], threads: Threads| {
-        for layer in &layers {
-            layer.forward(&input, output, rows, threads);
+    let pool = pool::global();
+    let threads = pool.threads();
+    let share = rows.div_ceil(threads);
+    let input = random(share * i, 9);
+    let buffers: Vec<Mutex<(Vec<f32>, gemm::Scratch)>> = (0..threads)
+        .map(|_| Mutex::new((vec![0f32; share * i.max(3 * h)], gemm::Scratch::default())))
+        .collect();
+    let flops = 2.0 * (share * threads * h * (4 * h + 2 * i)) as f64;
+    let run = || {
+        pool.run(threads, |team| {
+            let mut guard = buffers[team.index()].lock().expect("probe buffers");
+            let (output, scratch) = &mut *guard;
+            for layer in &layers {
+                let k = layer.inputs();
+                let n = layer.outputs();
+                let a = layer.prepare(&input, share, k, 0..k, scratch);
+                layer.product(&a, 0..n, output, n, 0, Epilogue::Scale(1.0));
+            }
+        });
+        flops
+    };
+    run();
+    let mut work = 0.0;
+    let (_, mut timing) = timed(|| {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(1) {
+            work += run();
         }
-    };
-    let flops = |rows: usize| 2.0 * (rows * h * (4 * h + 2 * i)) as f64;
-    let measure = |f: &mut dyn FnMut() -> f64| {
-        f();
-        let mut work = 0.0;
-        let (_, mut timing) = timed(|| {
-            let started = Instant::now();
-            while started.elapsed() < Duration::from_secs(1) {
-                work += f();
-            }
-        });
-        timing.work = work;
-        timing
-    };
-    let share = rows.div_ceil(cores);
-    let mut outputs = vec![vec![0f32; share * widest]; cores];
-    let split_rows = measure(&mut || {
-        std::thread::scope(|scope| {
-            let (first, rest) = outputs.split_first_mut().expect("one core at least");
-            for output in rest {
-                scope.spawn(|| run(share, output, Threads::One));
-            }
-            run(share, first, Threads::One);
-        });
-        flops(share) * cores as f64
     });
-    let mut output = vec![0f32; rows * widest];
-    let split_gemm = measure(&mut || {
-        run(rows, &mut output, Threads::Pool(cores));
-        flops(rows)
-    });
-    if split_rows.work / split_rows.wall >= split_gemm.work / split_gemm.wall {
-        split_rows
-    } else {
-        split_gemm
-    }
+    timing.work = work;
+    timing
+}
+
+fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed;
+    (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
+        })
+        .collect()
 }
 
 /// The stock model on one batch: padded to its longest sequence, masked, mean-pooled over the mask.

@@ -1,15 +1,13 @@
-//! BERT (all-MiniLM-L6-v2): absolute position embeddings, post-norm layers, exact erf-GELU.
-//!
-//! The batch runs unpadded: every dense layer works on the packed `[total tokens, hidden]` matrix of all
-//! sequences, attention runs per sequence, and the sequences are split between the cores by cost so that
-//! each core runs its share through all layers without waiting for the other.
+//! BERT (all-MiniLM-L6-v2 and the BERT family): absolute position embeddings, token types, post-norm
+//! layers with biases, exact erf-GELU; mean-pooled. The layers run on the shared engine
+//! ([`kernels::layers`]); this file reads the config and the weights and embeds the tokens.
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use serde_json::Value;
 
-use super::kernels::{self, Attention, LayerNorm, Linear, Threads};
-use super::{Encoder, ModelError};
+use super::kernels::attention::Rotary;
+use super::kernels::layers::{Layer, Linear, Mlp, Stack};
+use super::kernels::{self, LayerNorm, Precision};
+use super::{check_batch, Encoder, ModelError, Sequence, Weights};
 
 /// The hyper-parameters read from the model's config.json.
 struct Config {
@@ -19,6 +17,7 @@ struct Config {
     intermediate: usize,
     max_positions: usize,
     vocab: usize,
+    type_vocab: usize,
     eps: f64,
 }
 
@@ -38,6 +37,7 @@ impl Config {
             intermediate: int("intermediate_size")?,
             max_positions: int("max_position_embeddings")?,
             vocab: int("vocab_size")?,
+            type_vocab: config["type_vocab_size"].as_u64().unwrap_or(2) as usize,
             eps: config["layer_norm_eps"].as_f64().unwrap_or(1e-12),
         };
         if config.heads == 0 || !config.hidden.is_multiple_of(config.heads) {
@@ -49,120 +49,74 @@ impl Config {
     }
 }
 
-fn to_vec(tensor: Tensor) -> candle_core::Result<Vec<f32>> {
-    tensor.flatten_all()?.to_vec1::<f32>()
-}
-
-fn layer_norm(vb: VarBuilder, size: usize, eps: f64) -> candle_core::Result<LayerNorm> {
+fn layer_norm(w: &Weights, prefix: &str, size: usize, eps: f64) -> Result<LayerNorm, ModelError> {
     Ok(LayerNorm {
-        weight: to_vec(vb.get(size, "weight")?)?,
-        bias: to_vec(vb.get(size, "bias")?)?,
+        weight: w.get(&format!("{prefix}.weight"), &[size])?,
+        bias: w.get(&format!("{prefix}.bias"), &[size])?,
         eps: eps as f32,
     })
 }
 
 /// `(weight [outputs, inputs], bias)` of one PyTorch `Linear`.
 fn dense(
-    vb: VarBuilder,
+    w: &Weights,
+    prefix: &str,
     inputs: usize,
     outputs: usize,
-) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
+) -> Result<(Vec<f32>, Vec<f32>), ModelError> {
     Ok((
-        to_vec(vb.get((outputs, inputs), "weight")?)?,
-        to_vec(vb.get(outputs, "bias")?)?,
+        w.get(&format!("{prefix}.weight"), &[outputs, inputs])?,
+        w.get(&format!("{prefix}.bias"), &[outputs])?,
     ))
 }
 
-fn linear(vb: VarBuilder, inputs: usize, outputs: usize) -> candle_core::Result<Linear> {
-    let (weight, bias) = dense(vb, inputs, outputs)?;
-    Ok(Linear::new(&weight, bias, inputs, outputs))
+fn linear(
+    w: &Weights,
+    prefix: &str,
+    inputs: usize,
+    outputs: usize,
+    precision: Precision,
+) -> Result<Linear, ModelError> {
+    let (weight, bias) = dense(w, prefix, inputs, outputs)?;
+    Ok(Linear::new(&weight, Some(bias), inputs, outputs, precision))
 }
 
-struct Layer {
-    /// Query, key and value projections fused into one [3·hidden, hidden] matrix at load.
-    qkv: Linear,
-    attention_out: Linear,
-    attention_norm: LayerNorm,
-    intermediate: Linear,
-    output: Linear,
-    output_norm: LayerNorm,
-}
-
-impl Layer {
-    fn load(vb: VarBuilder, c: &Config) -> candle_core::Result<Layer> {
-        let attention = vb.pp("attention");
-        let mut weight = Vec::with_capacity(3 * c.hidden * c.hidden);
-        let mut bias = Vec::with_capacity(3 * c.hidden);
-        for name in ["query", "key", "value"] {
-            let (w, b) = dense(attention.pp("self").pp(name), c.hidden, c.hidden)?;
-            weight.extend(w);
-            bias.extend(b);
-        }
-        Ok(Layer {
-            qkv: Linear::new(&weight, bias, c.hidden, 3 * c.hidden),
-            attention_out: linear(attention.pp("output").pp("dense"), c.hidden, c.hidden)?,
-            attention_norm: layer_norm(attention.pp("output").pp("LayerNorm"), c.hidden, c.eps)?,
-            intermediate: linear(vb.pp("intermediate").pp("dense"), c.hidden, c.intermediate)?,
-            output: linear(vb.pp("output").pp("dense"), c.intermediate, c.hidden)?,
-            output_norm: layer_norm(vb.pp("output").pp("LayerNorm"), c.hidden, c.eps)?,
-        })
+fn load_layer(w: &Weights, prefix: &str, c: &Config, p: Precision) -> Result<Layer, ModelError> {
+    let attention = format!("{prefix}.attention");
+    // Query, key and value fused into one [3·hidden, hidden] weight at load.
+    let mut weight = Vec::with_capacity(3 * c.hidden * c.hidden);
+    let mut bias = Vec::with_capacity(3 * c.hidden);
+    for name in ["query", "key", "value"] {
+        let (w, b) = dense(w, &format!("{attention}.self.{name}"), c.hidden, c.hidden)?;
+        weight.extend(w);
+        bias.extend(b);
     }
-}
-
-/// The working memory of one core's share of a batch. Kept between batches (see `Bert::scratch`), so that
-/// a batch neither allocates nor page-faults its buffers in; they only ever grow.
-#[derive(Default)]
-struct Scratch {
-    states: Vec<f32>,
-    qkv: Vec<f32>,
-    context: Vec<f32>,
-    inner: Vec<f32>,
-    scores: Vec<f32>,
-}
-
-/// A scratch bigger than this (a batch of several thousand tokens) is freed after use rather than kept.
-const KEEP_SCRATCH_BYTES: usize = 64 << 20;
-
-fn grown(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
-    if buffer.len() < len {
-        buffer.resize(len, 0.0);
-    }
-    &mut buffer[..len]
-}
-
-impl Scratch {
-    fn buffers(&mut self, tokens: usize, longest: usize, c: &Config) -> Buffers<'_> {
-        Buffers {
-            states: grown(&mut self.states, tokens * c.hidden),
-            qkv: grown(&mut self.qkv, tokens * 3 * c.hidden),
-            context: grown(&mut self.context, tokens * c.hidden),
-            inner: grown(&mut self.inner, tokens * c.intermediate),
-            scores: grown(&mut self.scores, Attention::scores_len(longest)),
-        }
-    }
-
-    fn bytes(&self) -> usize {
-        let floats = self.states.capacity()
-            + self.qkv.capacity()
-            + self.context.capacity()
-            + self.inner.capacity()
-            + self.scores.capacity();
-        floats * std::mem::size_of::<f32>()
-    }
-}
-
-/// One batch's views of a scratch.
-struct Buffers<'a> {
-    /// [tokens, hidden]: the hidden states, updated in place layer after layer.
-    states: &'a mut [f32],
-    /// [tokens, 3·hidden]
-    qkv: &'a mut [f32],
-    /// [tokens, hidden]
-    context: &'a mut [f32],
-    /// [tokens, intermediate]
-    inner: &'a mut [f32],
-    /// One head's attention scores for one block of queries.
-    scores: &'a mut [f32],
+    Ok(Layer {
+        qkv: Linear::new(&weight, Some(bias), c.hidden, 3 * c.hidden, p),
+        attention_out: linear(
+            w,
+            &format!("{attention}.output.dense"),
+            c.hidden,
+            c.hidden,
+            p,
+        )?,
+        attention_norm: layer_norm(w, &format!("{attention}.output.LayerNorm"), c.hidden, c.eps)?,
+        mlp: Mlp::Gelu(linear(
+            w,
+            &format!("{prefix}.intermediate.dense"),
+            c.hidden,
+            c.intermediate,
+            p,
+        )?),
+        mlp_out: linear(
+            w,
+            &format!("{prefix}.output.dense"),
+            c.intermediate,
+            c.hidden,
+            p,
+        )?,
+        mlp_norm: layer_norm(w, &format!("{prefix}.output.LayerNorm"), c.hidden, c.eps)?,
+    })
 }
 
 pub struct Bert {
@@ -171,160 +125,58 @@ pub struct Bert {
     word_embeddings: Vec<f32>,
     /// [max_positions, hidden]
     position_embeddings: Vec<f32>,
-    /// Every input is one segment, so only the first token type's vector is ever added.
-    token_type_embedding: Vec<f32>,
+    /// [type_vocab, hidden]
+    token_type_embeddings: Vec<f32>,
     embedding_norm: LayerNorm,
-    layers: Vec<Layer>,
-    /// Scratches of earlier batches, one per core that ran a share.
-    scratch: std::sync::Mutex<Vec<Scratch>>,
+    stack: Stack,
 }
 
 impl Bert {
-    pub fn load(config: &Value, weights: &[u8]) -> Result<Bert, ModelError> {
+    pub fn load(config: &Value, weights: &[u8], precision: Precision) -> Result<Bert, ModelError> {
         let c = Config::parse(config)?;
-        let vb = VarBuilder::from_slice_safetensors(weights, DType::F32, &Device::Cpu)
-            .map_err(|e| ModelError::new(format!("model.safetensors cannot be read: {e}")))?;
+        let w = Weights::new(weights)?;
         // Checkpoints saved from BertModel have no prefix; those saved from a task head prefix "bert.".
-        let vb = if vb.contains_tensor("embeddings.word_embeddings.weight") {
-            vb
+        let prefix = if w.contains("embeddings.word_embeddings.weight") {
+            ""
         } else {
-            vb.pp("bert")
+            "bert."
         };
-        let load = || -> candle_core::Result<Bert> {
-            let embeddings = vb.pp("embeddings");
-            let layers = (0..c.layers)
-                .map(|i| Layer::load(vb.pp("encoder").pp("layer").pp(i), &c))
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            Ok(Bert {
-                word_embeddings: to_vec(
-                    embeddings.get((c.vocab, c.hidden), "word_embeddings.weight")?,
-                )?,
-                position_embeddings: to_vec(
-                    embeddings.get((c.max_positions, c.hidden), "position_embeddings.weight")?,
-                )?,
-                token_type_embedding: to_vec(
-                    embeddings
-                        .get((2, c.hidden), "token_type_embeddings.weight")?
-                        .get(0)?,
-                )?,
-                embedding_norm: layer_norm(embeddings.pp("LayerNorm"), c.hidden, c.eps)?,
-                layers,
-                config: c,
-                scratch: std::sync::Mutex::new(Vec::new()),
-            })
-        };
-        load().map_err(|e| {
-            ModelError::new(format!("model.safetensors does not fit config.json: {e}"))
+        let layers = (0..c.layers)
+            .map(|i| load_layer(&w, &format!("{prefix}encoder.layer.{i}"), &c, precision))
+            .collect::<Result<Vec<_>, _>>()?;
+        let embeddings = format!("{prefix}embeddings");
+        Ok(Bert {
+            word_embeddings: w.get(
+                &format!("{embeddings}.word_embeddings.weight"),
+                &[c.vocab, c.hidden],
+            )?,
+            position_embeddings: w.get(
+                &format!("{embeddings}.position_embeddings.weight"),
+                &[c.max_positions, c.hidden],
+            )?,
+            token_type_embeddings: w.get(
+                &format!("{embeddings}.token_type_embeddings.weight"),
+                &[c.type_vocab, c.hidden],
+            )?,
+            embedding_norm: layer_norm(&w, &format!("{embeddings}.LayerNorm"), c.hidden, c.eps)?,
+            stack: Stack::new(c.hidden, c.heads, c.intermediate, layers, None::<Rotary>),
+            config: c,
         })
     }
 
-    /// Relative cost of one sequence: the dense layers grow with its length, attention with its square.
-    fn cost(&self, len: usize) -> f64 {
-        let c = &self.config;
-        let dense = c.hidden * (4 * c.hidden + 2 * c.intermediate);
-        (len * dense + 2 * len * len * c.hidden) as f64
-    }
-
-    /// Runs `sequences` through the network on the calling thread (its GEMMs using `threads`); returns
-    /// their mean-pooled final states.
-    fn forward(&self, sequences: &[&[u32]], threads: Threads) -> Vec<Vec<f32>> {
-        let c = &self.config;
-        let lengths: Vec<usize> = sequences.iter().map(|s| s.len()).collect();
-        let tokens: usize = lengths.iter().sum();
-        let longest = lengths.iter().copied().max().unwrap_or(0);
-        let mut scratch = self.take_scratch();
-        let pooled = self.forward_in(
-            sequences,
-            &lengths,
-            scratch.buffers(tokens, longest, c),
-            threads,
-        );
-        self.give_back(scratch);
-        pooled
-    }
-
-    fn take_scratch(&self) -> Scratch {
-        let mut pool = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
-        pool.pop().unwrap_or_default()
-    }
-
-    fn give_back(&self, scratch: Scratch) {
-        if scratch.bytes() <= KEEP_SCRATCH_BYTES {
-            let mut pool = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
-            pool.push(scratch);
-        }
-    }
-
-    fn forward_in(
-        &self,
-        sequences: &[&[u32]],
-        lengths: &[usize],
-        mut buffers: Buffers,
-        threads: Threads,
-    ) -> Vec<Vec<f32>> {
-        let c = &self.config;
-        let hidden = c.hidden;
-        let mut rows = buffers.states.chunks_exact_mut(hidden);
-        for sequence in sequences {
-            for (position, &id) in sequence.iter().enumerate() {
-                let row = rows.next().expect("one row per token");
-                let word = &self.word_embeddings[id as usize * hidden..][..hidden];
-                let place = &self.position_embeddings[position * hidden..][..hidden];
-                for (((x, w), p), t) in row
-                    .iter_mut()
-                    .zip(word)
-                    .zip(place)
-                    .zip(&self.token_type_embedding)
-                {
-                    *x = w + p + t;
-                }
+    /// Word, position and token type embeddings of one sequence, summed and normalised into `rows`.
+    fn embed(&self, sequence: &Sequence, rows: &mut [f32]) {
+        let hidden = self.config.hidden;
+        for (position, (row, &id)) in rows.chunks_exact_mut(hidden).zip(sequence.ids).enumerate() {
+            let word = &self.word_embeddings[id as usize * hidden..][..hidden];
+            let place = &self.position_embeddings[position * hidden..][..hidden];
+            let segment = sequence.token_type(position) as usize;
+            let segment = &self.token_type_embeddings[segment * hidden..][..hidden];
+            for (((x, w), p), t) in row.iter_mut().zip(word).zip(place).zip(segment) {
+                *x = w + p + t;
             }
         }
-        self.embedding_norm.forward(buffers.states);
-
-        let attention = Attention {
-            hidden,
-            heads: c.heads,
-        };
-        for layer in &self.layers {
-            self.layer(layer, &attention, lengths, &mut buffers, threads);
-        }
-        kernels::mean_rows(buffers.states, hidden, lengths)
-    }
-
-    fn layer(
-        &self,
-        layer: &Layer,
-        attention: &Attention,
-        lengths: &[usize],
-        s: &mut Buffers,
-        threads: Threads,
-    ) {
-        let hidden = self.config.hidden;
-        let tokens = s.states.len() / hidden;
-        layer.qkv.forward(s.states, s.qkv, tokens, threads);
-        let mut start = 0;
-        for &len in lengths {
-            attention.forward(
-                &s.qkv[start * 3 * hidden..(start + len) * 3 * hidden],
-                len,
-                &mut s.context[start * hidden..(start + len) * hidden],
-                s.scores,
-                threads,
-            );
-            start += len;
-        }
-        layer
-            .attention_out
-            .forward_residual(s.context, s.states, tokens, threads);
-        layer.attention_norm.forward(s.states);
-        layer
-            .intermediate
-            .forward_gelu(s.states, s.inner, tokens, threads);
-        layer
-            .output
-            .forward_residual(s.inner, s.states, tokens, threads);
-        layer.output_norm.forward(s.states);
+        self.embedding_norm.forward(rows);
     }
 }
 
@@ -337,62 +189,18 @@ impl Encoder for Bert {
         self.config.vocab
     }
 
-    fn encode(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, ModelError> {
+    fn precision(&self) -> Precision {
+        self.stack.precision()
+    }
+
+    fn encode(&self, batch: &[Sequence]) -> Result<Vec<Vec<f32>>, ModelError> {
         let c = &self.config;
-        for sequence in batch {
-            if sequence.len() > c.max_positions {
-                return Err(ModelError::invalid(format!(
-                    "a sequence of {} tokens is longer than the model's {} positions",
-                    sequence.len(),
-                    c.max_positions
-                )));
-            }
-            if let Some(bad) = sequence.iter().find(|&&id| id as usize >= c.vocab) {
-                return Err(ModelError::invalid(format!(
-                    "token id {bad} is outside the vocabulary (0..{})",
-                    c.vocab
-                )));
-            }
-        }
-        let cores = candle_core::utils::get_num_threads().max(1);
-        let costs: Vec<f64> = batch.iter().map(|s| self.cost(s.len())).collect();
-        let total: f64 = costs.iter().sum();
-        let groups = kernels::balance(&costs, cores);
-        let heaviest = groups
-            .iter()
-            .map(|g| g.iter().map(|&i| costs[i]).sum::<f64>())
-            .fold(0f64, f64::max);
-        // Independent shares need no synchronisation, so they beat splitting every GEMM across the cores,
-        // unless one sequence dominates the batch (a single input, one long among short ones).
-        if groups.len() < 2 || heaviest > total * 1.2 / groups.len() as f64 {
-            return Ok(self.forward(batch, Threads::Pool(cores)));
-        }
-        let shares: Vec<Vec<&[u32]>> = groups
-            .iter()
-            .map(|g| g.iter().map(|&i| batch[i]).collect())
-            .collect();
-        let pooled: Vec<Vec<Vec<f32>>> = std::thread::scope(|scope| {
-            let (first, rest) = shares.split_first().expect("at least two shares");
-            let handles: Vec<_> = rest
-                .iter()
-                .map(|share| scope.spawn(move || self.forward(share, Threads::One)))
-                .collect();
-            let mut pooled = vec![self.forward(first, Threads::One)];
-            for handle in handles {
-                pooled.push(
-                    handle
-                        .join()
-                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
-                );
-            }
-            pooled
-        });
-        let mut results = vec![Vec::new(); batch.len()];
-        for (group, vectors) in groups.iter().zip(pooled) {
-            for (&i, vector) in group.iter().zip(vectors) {
-                results[i] = vector;
-            }
-        }
-        Ok(results)
+        check_batch(batch, c.max_positions, c.vocab, c.type_vocab)?;
+        let lengths: Vec<usize> = batch.iter().map(|s| s.ids.len()).collect();
+        Ok(self.stack.run(
+            &lengths,
+            &|i, rows| self.embed(&batch[i], rows),
+            &|states, lengths| kernels::mean_rows(states, c.hidden, lengths),
+        ))
     }
 }

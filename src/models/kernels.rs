@@ -1,299 +1,17 @@
-//! Fast f32 CPU kernels shared by the encoder architectures: dense layers on packed token matrices (the
-//! `gemm` crate, called directly so that bias and residual land in the output without extra tensors),
-//! per-sequence multi-head attention without padding, and the row-wise operations (layer norm, softmax,
-//! exact erf-GELU) compiled for AVX-512 / AVX2 at run time, with a portable fallback.
+//! The engine every architecture runs on: dense layers on weights packed once at load for f32, bf16 or
+//! int8 micro-kernels ([`gemm`]), attention on the same kernels ([`attention`]), the post-norm transformer
+//! layers and how a batch is shared by a persistent team of threads ([`layers`], [`pool`]), and here the
+//! row-wise operations (layer norm, softmax, exact erf-GELU, mean pooling), compiled for AVX-512 / AVX2 at
+//! run time with a portable fallback.
 //!
 //! Everything works on plain row-major `f32` slices: a matrix of `rows × cols` is `rows` consecutive rows.
 
-use gemm::Parallelism;
+pub mod attention;
+pub mod gemm;
+pub mod layers;
+pub mod pool;
 
-/// How a kernel may use the machine's cores.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Threads {
-    /// On the calling thread only (the caller runs several of these side by side).
-    One,
-    /// Split across this many threads of the global pool.
-    Pool(usize),
-}
-
-impl Threads {
-    fn gemm(self) -> Parallelism {
-        match self {
-            Threads::Pool(n) if n > 1 => Parallelism::Rayon(n),
-            _ => Parallelism::None,
-        }
-    }
-}
-
-/// A strided view of a matrix for the GEMM: element (i, j) is at `offset + i·row_stride + j·col_stride`.
-#[derive(Debug, Clone, Copy)]
-struct View {
-    offset: usize,
-    rows: usize,
-    cols: usize,
-    row_stride: usize,
-    col_stride: usize,
-}
-
-impl View {
-    fn row_major(offset: usize, rows: usize, cols: usize, row_stride: usize) -> View {
-        View {
-            offset,
-            rows,
-            cols,
-            row_stride,
-            col_stride: 1,
-        }
-    }
-
-    fn transposed(self) -> View {
-        View {
-            rows: self.cols,
-            cols: self.rows,
-            row_stride: self.col_stride,
-            col_stride: self.row_stride,
-            ..self
-        }
-    }
-
-    /// Whether every element lies inside a buffer of `len` elements.
-    fn fits(&self, len: usize) -> bool {
-        self.rows == 0
-            || self.cols == 0
-            || self.offset + (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride
-                < len
-    }
-}
-
-/// `dst = (accumulate ? dst : 0) + scale · lhs · rhs`, with bounds checked against the slices.
-#[allow(clippy::too_many_arguments)]
-fn gemm(
-    dst: &mut [f32],
-    dst_view: View,
-    accumulate: bool,
-    lhs: &[f32],
-    lhs_view: View,
-    rhs: &[f32],
-    rhs_view: View,
-    scale: f32,
-    threads: Threads,
-) {
-    let (m, k, n) = (lhs_view.rows, lhs_view.cols, rhs_view.cols);
-    assert!(
-        rhs_view.rows == k && dst_view.rows == m && dst_view.cols == n,
-        "gemm shapes do not fit"
-    );
-    assert!(
-        dst_view.fits(dst.len()) && lhs_view.fits(lhs.len()) && rhs_view.fits(rhs.len()),
-        "gemm view outside its buffer"
-    );
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                for j in 0..n {
-                    dst[dst_view.offset + i * dst_view.row_stride + j * dst_view.col_stride] = 0.0;
-                }
-            }
-        }
-        return;
-    }
-    // SAFETY: the views were checked to lie inside their slices, `dst` is borrowed mutably and so cannot
-    // alias `lhs` or `rhs`, and the crate reads only the elements the views describe.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr().add(dst_view.offset),
-            dst_view.col_stride as isize,
-            dst_view.row_stride as isize,
-            accumulate,
-            lhs.as_ptr().add(lhs_view.offset),
-            lhs_view.col_stride as isize,
-            lhs_view.row_stride as isize,
-            rhs.as_ptr().add(rhs_view.offset),
-            rhs_view.col_stride as isize,
-            rhs_view.row_stride as isize,
-            1.0,
-            scale,
-            false,
-            false,
-            false,
-            threads.gemm(),
-        )
-    }
-}
-
-/// A dense layer `y = x · Wᵀ + b`, its weight laid out once at load as Wᵀ ([inputs, outputs], row-major),
-/// the layout in which the GEMM streams the weight fastest for every row count the engines use.
-pub struct Linear {
-    weight_t: Vec<f32>,
-    bias: Vec<f32>,
-    inputs: usize,
-    outputs: usize,
-}
-
-impl Linear {
-    /// `weight`: [outputs, inputs] row-major, as PyTorch stores it.
-    pub fn new(weight: &[f32], bias: Vec<f32>, inputs: usize, outputs: usize) -> Linear {
-        assert_eq!(weight.len(), inputs * outputs, "weight shape");
-        assert_eq!(bias.len(), outputs, "bias shape");
-        let mut weight_t = vec![0f32; inputs * outputs];
-        for (o, row) in weight.chunks_exact(inputs).enumerate() {
-            for (i, &w) in row.iter().enumerate() {
-                weight_t[i * outputs + o] = w;
-            }
-        }
-        Linear {
-            weight_t,
-            bias,
-            inputs,
-            outputs,
-        }
-    }
-
-    pub fn inputs(&self) -> usize {
-        self.inputs
-    }
-
-    pub fn outputs(&self) -> usize {
-        self.outputs
-    }
-
-    /// `out = x · Wᵀ + b` for the `rows` rows of `x`.
-    pub fn forward(&self, x: &[f32], out: &mut [f32], rows: usize, threads: Threads) {
-        for row in out[..rows * self.outputs].chunks_exact_mut(self.outputs) {
-            row.copy_from_slice(&self.bias);
-        }
-        self.accumulate(x, out, rows, threads);
-    }
-
-    /// `out = GELU(x · Wᵀ + b)` (exact erf form), the bias added in the GELU's own pass over `out`.
-    pub fn forward_gelu(&self, x: &[f32], out: &mut [f32], rows: usize, threads: Threads) {
-        self.product(x, out, rows, false, threads);
-        bias_gelu_rows(&mut out[..rows * self.outputs], &self.bias);
-    }
-
-    /// `out += x · Wᵀ + b`: the residual connection folded into the layer's output.
-    pub fn forward_residual(&self, x: &[f32], out: &mut [f32], rows: usize, threads: Threads) {
-        for row in out[..rows * self.outputs].chunks_exact_mut(self.outputs) {
-            add_assign(row, &self.bias);
-        }
-        self.accumulate(x, out, rows, threads);
-    }
-
-    fn accumulate(&self, x: &[f32], out: &mut [f32], rows: usize, threads: Threads) {
-        self.product(x, out, rows, true, threads);
-    }
-
-    /// `out = (accumulate ? out : 0) + x · Wᵀ`
-    fn product(&self, x: &[f32], out: &mut [f32], rows: usize, accumulate: bool, threads: Threads) {
-        gemm(
-            out,
-            View::row_major(0, rows, self.outputs, self.outputs),
-            accumulate,
-            x,
-            View::row_major(0, rows, self.inputs, self.inputs),
-            &self.weight_t,
-            View::row_major(0, self.inputs, self.outputs, self.outputs),
-            1.0,
-            threads,
-        );
-    }
-}
-
-/// The shape of multi-head self-attention over rows laid out as `[q | k | v]`, each `hidden` wide with
-/// the heads side by side (what a fused QKV projection produces).
-#[derive(Debug, Clone, Copy)]
-pub struct Attention {
-    pub hidden: usize,
-    pub heads: usize,
-}
-
-/// The most attention scores one block of queries may hold (4 MiB): a long sequence is processed in
-/// blocks of query rows, so that its memory grows linearly with its length, not quadratically.
-pub const MAX_SCORES: usize = 1 << 20;
-
-impl Attention {
-    pub fn head_dim(&self) -> usize {
-        self.hidden / self.heads
-    }
-
-    /// The scratch `forward` needs for a sequence of `len` tokens.
-    pub fn scores_len(len: usize) -> usize {
-        Self::block_rows(len, MAX_SCORES) * len
-    }
-
-    fn block_rows(len: usize, max_scores: usize) -> usize {
-        (max_scores / len.max(1)).clamp(1, len.max(1))
-    }
-
-    /// Attention of one unpadded sequence: `qkv` holds its `len` rows of `3·hidden`; the per-head
-    /// contexts go to `context` ([len, hidden]). `scores` is scratch of at least `scores_len(len)`.
-    /// Rotary models rotate q and k inside `qkv` before calling.
-    pub fn forward(
-        &self,
-        qkv: &[f32],
-        len: usize,
-        context: &mut [f32],
-        scores: &mut [f32],
-        threads: Threads,
-    ) {
-        self.forward_in_blocks(qkv, len, context, scores, threads, MAX_SCORES);
-    }
-
-    fn forward_in_blocks(
-        &self,
-        qkv: &[f32],
-        len: usize,
-        context: &mut [f32],
-        scores: &mut [f32],
-        threads: Threads,
-        max_scores: usize,
-    ) {
-        let (hidden, head_dim) = (self.hidden, self.head_dim());
-        let stride = 3 * hidden;
-        let scale = 1.0 / (head_dim as f32).sqrt();
-        let block = Self::block_rows(len, max_scores);
-        // Splitting a short sequence's small products across threads costs more than it saves.
-        let threads = if len < 128 { Threads::One } else { threads };
-        for head in 0..self.heads {
-            let k = View::row_major(hidden + head * head_dim, len, head_dim, stride);
-            let v = View::row_major(2 * hidden + head * head_dim, len, head_dim, stride);
-            for first in (0..len).step_by(block) {
-                let rows = block.min(len - first);
-                let scores = &mut scores[..rows * len];
-                let q = View::row_major(first * stride + head * head_dim, rows, head_dim, stride);
-                gemm(
-                    scores,
-                    View::row_major(0, rows, len, len),
-                    false,
-                    qkv,
-                    q,
-                    qkv,
-                    k.transposed(),
-                    scale,
-                    threads,
-                );
-                softmax_rows(scores, len);
-                gemm(
-                    context,
-                    View::row_major(first * hidden + head * head_dim, rows, head_dim, hidden),
-                    false,
-                    scores,
-                    View::row_major(0, rows, len, len),
-                    qkv,
-                    v,
-                    1.0,
-                    threads,
-                );
-            }
-        }
-    }
-}
+pub use gemm::Precision;
 
 /// A layer norm's affine parameters.
 pub struct LayerNorm {
@@ -432,28 +150,10 @@ pub fn erf(x: f32) -> f32 {
     }
 }
 
-vectorised! {
-    /// The exact (erf) GELU of BERT-family MLPs, `y·Φ(y)` with `y = x + bias`, for every row of `xs` (rows as wide as `bias`), in place.
-    pub fn bias_gelu_rows(xs: &mut [f32], bias: &[f32]) {
-        if bias.is_empty() {
-            return;
-        }
-        for row in xs.chunks_exact_mut(bias.len()) {
-            for (x, b) in row.iter_mut().zip(bias) {
-                let y = *x + *b;
-                *x = 0.5 * y * (1.0 + erf(y * std::f32::consts::FRAC_1_SQRT_2));
-            }
-        }
-    }
-}
-
-vectorised! {
-    /// `xs += ys`, element by element.
-    pub fn add_assign(xs: &mut [f32], ys: &[f32]) {
-        for (x, y) in xs.iter_mut().zip(ys) {
-            *x += *y;
-        }
-    }
+/// The exact (erf) GELU of BERT-family MLPs, `x·Φ(x)`; inlined into the dense layers' epilogue.
+#[inline(always)]
+pub fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
 vectorised! {
@@ -488,6 +188,36 @@ vectorised! {
             let variance = lane_sum(row, |x| (x - mean) * (x - mean)) / width as f32;
             let inverse = 1.0 / (variance + eps).sqrt();
             for ((x, w), b) in row.iter_mut().zip(weight).zip(bias) {
+                *x = (*x - mean) * inverse * *w + *b;
+            }
+        }
+    }
+}
+
+vectorised! {
+    /// `x = LN(x + Σ partials + bias)` for every row of `xs` (rows as wide as the norm), in place: the
+    /// residual connection, the partial sums of an output projection shared by a team, its bias and the
+    /// layer norm in one pass. The sums run in the same order on every member, so all get the same rows.
+    pub fn add_layer_norm_rows(xs: &mut [f32], partials: &[&[f32]], bias: Option<&[f32]>, norm: &LayerNorm) {
+        let width = norm.weight.len();
+        if width == 0 {
+            return;
+        }
+        for (r, row) in xs.chunks_exact_mut(width).enumerate() {
+            for partial in partials {
+                for (x, p) in row.iter_mut().zip(&partial[r * width..(r + 1) * width]) {
+                    *x += *p;
+                }
+            }
+            if let Some(bias) = bias {
+                for (x, b) in row.iter_mut().zip(bias) {
+                    *x += *b;
+                }
+            }
+            let mean = lane_sum(row, |x| x) / width as f32;
+            let variance = lane_sum(row, |x| (x - mean) * (x - mean)) / width as f32;
+            let inverse = 1.0 / (variance + norm.eps).sqrt();
+            for ((x, w), b) in row.iter_mut().zip(&norm.weight).zip(&norm.bias) {
                 *x = (*x - mean) * inverse * *w + *b;
             }
         }
@@ -581,9 +311,8 @@ mod tests {
             x += 0.000_93;
         }
         assert!(worst < 3e-7, "worst absolute erf error {worst}");
-        let mut gelu = xs.clone();
-        bias_gelu_rows(&mut gelu, &[0.0]);
-        for (&x, &g) in xs.iter().zip(&gelu) {
+        let gelus: Vec<f32> = xs.iter().map(|&x| gelu(x)).collect();
+        for (&x, &g) in xs.iter().zip(&gelus) {
             let x = f64::from(x);
             let exact = 0.5 * x * (1.0 + erf_reference(x / std::f64::consts::SQRT_2));
             assert!(
@@ -621,84 +350,6 @@ mod tests {
                     + f64::from(bias[c]);
                 assert!((f64::from(norm[r * width + c]) - expected).abs() < 1e-5);
             }
-        }
-    }
-
-    #[test]
-    fn linear_and_attention_match_naive_loops() {
-        let (rows, inputs, outputs) = (5, 7, 6);
-        let weight: Vec<f32> = (0..inputs * outputs)
-            .map(|i| (i % 11) as f32 / 11.0 - 0.4)
-            .collect();
-        let bias: Vec<f32> = (0..outputs).map(|i| i as f32 / 10.0).collect();
-        let x: Vec<f32> = (0..rows * inputs)
-            .map(|i| (i % 5) as f32 / 3.0 - 0.6)
-            .collect();
-        let linear = Linear::new(&weight, bias.clone(), inputs, outputs);
-        let mut y = vec![1.0f32; rows * outputs];
-        linear.forward_residual(&x, &mut y, rows, Threads::One);
-        for r in 0..rows {
-            for o in 0..outputs {
-                let dot: f32 = (0..inputs)
-                    .map(|i| x[r * inputs + i] * weight[o * inputs + i])
-                    .sum();
-                assert!((y[r * outputs + o] - (1.0 + dot + bias[o])).abs() < 1e-5);
-            }
-        }
-
-        let attention = Attention {
-            hidden: 4,
-            heads: 2,
-        };
-        let len = 3;
-        let qkv: Vec<f32> = (0..len * 12)
-            .map(|i| ((i * 37) % 17) as f32 / 8.0 - 1.0)
-            .collect();
-        let mut context = vec![0f32; len * 4];
-        let mut scores = vec![0f32; len * len];
-        attention.forward(&qkv, len, &mut context, &mut scores, Threads::One);
-        for head in 0..2 {
-            for i in 0..len {
-                let logits: Vec<f32> = (0..len)
-                    .map(|j| {
-                        (0..2)
-                            .map(|d| qkv[i * 12 + head * 2 + d] * qkv[j * 12 + 4 + head * 2 + d])
-                            .sum::<f32>()
-                            / 2f32.sqrt()
-                    })
-                    .collect();
-                let max = logits.iter().cloned().fold(f32::MIN, f32::max);
-                let weights: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
-                let total: f32 = weights.iter().sum();
-                for d in 0..2 {
-                    let expected: f32 = (0..len)
-                        .map(|j| weights[j] / total * qkv[j * 12 + 8 + head * 2 + d])
-                        .sum();
-                    assert!((context[i * 4 + head * 2 + d] - expected).abs() < 1e-5);
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn attention_in_query_blocks_equals_attention_in_one() {
-        let attention = Attention {
-            hidden: 8,
-            heads: 2,
-        };
-        let len = 7;
-        let qkv: Vec<f32> = (0..len * 24)
-            .map(|i| ((i * 53) % 29) as f32 / 14.0 - 1.0)
-            .collect();
-        let mut whole = vec![0f32; len * 8];
-        let mut scores = vec![0f32; len * len];
-        attention.forward(&qkv, len, &mut whole, &mut scores, Threads::One);
-        // Blocks of 2 query rows (the last one a single row).
-        let mut blocked = vec![0f32; len * 8];
-        attention.forward_in_blocks(&qkv, len, &mut blocked, &mut scores, Threads::One, 2 * len);
-        assert_eq!(Attention::block_rows(len, 2 * len), 2);
-        for (a, b) in whole.iter().zip(&blocked) {
-            assert!((a - b).abs() < 1e-6);
         }
     }
 

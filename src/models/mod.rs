@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 
 use catalog::Architecture;
 pub use catalog::{ModelSpec, CATALOG};
+pub use kernels::Precision;
 use tokenize::TextTokenizer;
 
 /// What went wrong, and whose fault it was.
@@ -84,13 +85,109 @@ pub struct Tokens {
     pub untruncated: usize,
 }
 
+/// One input of a batch as the encoder sees it: token ids, and for a pair of texts (a cross-encoder's
+/// query and document) the segment of each token; without them every token is segment 0.
+#[derive(Debug, Clone, Copy)]
+pub struct Sequence<'a> {
+    pub ids: &'a [u32],
+    pub token_types: Option<&'a [u32]>,
+}
+
+impl<'a> Sequence<'a> {
+    /// A single text's ids, all in segment 0.
+    pub fn single(ids: &'a [u32]) -> Sequence<'a> {
+        Sequence {
+            ids,
+            token_types: None,
+        }
+    }
+
+    /// The segment of token `i`.
+    pub fn token_type(&self, i: usize) -> u32 {
+        self.token_types.map_or(0, |t| t[i])
+    }
+}
+
 /// An architecture: token ids in, one pooled (not yet normalised) vector per sequence out.
 pub trait Encoder: Send + Sync {
     /// The longest sequence the weights can position.
     fn max_positions(&self) -> usize;
     fn vocab_size(&self) -> usize;
+    /// The arithmetic of the dense layers, chosen at load.
+    fn precision(&self) -> Precision;
     /// Pooled final states, in the order of `batch`. Sequences may differ in length.
-    fn encode(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, ModelError>;
+    fn encode(&self, batch: &[Sequence]) -> Result<Vec<Vec<f32>>, ModelError>;
+}
+
+/// Refuses a batch the weights cannot run: an empty sequence, one longer than the positions, an id
+/// outside the vocabulary, token types of another length or outside `0..type_vocab`.
+fn check_batch(
+    batch: &[Sequence],
+    max_positions: usize,
+    vocab: usize,
+    type_vocab: usize,
+) -> Result<(), ModelError> {
+    for sequence in batch {
+        let len = sequence.ids.len();
+        if len == 0 || len > max_positions {
+            return Err(ModelError::invalid(format!(
+                "a sequence of {len} tokens cannot be encoded (1..={max_positions} tokens)"
+            )));
+        }
+        if let Some(bad) = sequence.ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(ModelError::invalid(format!(
+                "token id {bad} is outside the vocabulary (0..{vocab})"
+            )));
+        }
+        if let Some(types) = sequence.token_types {
+            if types.len() != len {
+                return Err(ModelError::invalid(format!(
+                    "{} token types for {len} tokens",
+                    types.len()
+                )));
+            }
+            if let Some(bad) = types.iter().find(|&&t| t as usize >= type_vocab) {
+                return Err(ModelError::invalid(format!(
+                    "token type {bad} is outside the model's {type_vocab} segments"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads the tensors of a safetensors file as f32 (whatever their stored dtype), with errors that name
+/// the tensor and what the config expected.
+struct Weights<'a> {
+    vb: candle_nn::VarBuilder<'a>,
+}
+
+impl<'a> Weights<'a> {
+    fn new(bytes: &'a [u8]) -> Result<Weights<'a>, ModelError> {
+        let vb = candle_nn::VarBuilder::from_slice_safetensors(
+            bytes,
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .map_err(|e| ModelError::new(format!("model.safetensors cannot be read: {e}")))?;
+        Ok(Weights { vb })
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.vb.contains_tensor(name)
+    }
+
+    /// The tensor `name` of `shape`, flattened row-major.
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
+        let read = || -> candle_core::Result<Vec<f32>> {
+            self.vb.get(shape, name)?.flatten_all()?.to_vec1::<f32>()
+        };
+        read().map_err(|e| {
+            ModelError::new(format!(
+                "model.safetensors does not fit config.json: {name} {shape:?}: {e}"
+            ))
+        })
+    }
 }
 
 /// Where a model's files come from.
@@ -171,7 +268,18 @@ pub struct Model {
 }
 
 impl Model {
+    /// Loads `spec` from `source` in f32, the exact default.
     pub fn load(spec: &'static ModelSpec, source: &Source) -> Result<Model, ModelError> {
+        Model::load_in(spec, source, Precision::F32)
+    }
+
+    /// Loads `spec` from `source` with its dense layers in `precision`; fails if this CPU cannot run it.
+    pub fn load_in(
+        spec: &'static ModelSpec,
+        source: &Source,
+        precision: Precision,
+    ) -> Result<Model, ModelError> {
+        precision.check_cpu().map_err(ModelError::new)?;
         let config = source.read(spec, "config.json")?;
         let config: serde_json::Value = serde_json::from_slice(&config).map_err(|e| {
             ModelError::new(format!("{}/config.json is not valid JSON: {e}", spec.name))
@@ -181,10 +289,13 @@ impl Model {
         let (encoder, width): (Box<dyn Encoder>, usize) = match spec.architecture {
             Architecture::Bert => {
                 let width = config["hidden_size"].as_u64().unwrap_or(0) as usize;
-                (Box::new(bert::Bert::load(&config, &weights)?), width)
+                (
+                    Box::new(bert::Bert::load(&config, &weights, precision)?),
+                    width,
+                )
             }
             Architecture::NomicBert => {
-                let encoder = nomic_bert::NomicBert::load(&config, &weights)?;
+                let encoder = nomic_bert::NomicBert::load(&config, &weights, precision)?;
                 let width = encoder.hidden_size();
                 (Box::new(encoder), width)
             }
@@ -207,6 +318,11 @@ impl Model {
 
     pub fn max_tokens(&self) -> usize {
         self.max_tokens
+    }
+
+    /// The arithmetic of the dense layers this model was loaded with.
+    pub fn precision(&self) -> Precision {
+        self.encoder.precision()
     }
 
     /// The width of a full embedding.
@@ -256,6 +372,12 @@ impl Model {
 
     /// Pooled vectors of full width for a batch of tokenised inputs; `finish` turns each into an embedding.
     pub fn encode(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let sequences: Vec<Sequence> = batch.iter().map(|ids| Sequence::single(ids)).collect();
+        self.encode_sequences(&sequences)
+    }
+
+    /// [`Model::encode`] for inputs that may carry token types (pairs of texts).
+    pub fn encode_sequences(&self, batch: &[Sequence]) -> Result<Vec<Vec<f32>>, ModelError> {
         let pooled = self.encoder.encode(batch)?;
         if pooled.iter().flatten().any(|x| !x.is_finite()) {
             return Err(ModelError::internal(

@@ -1,25 +1,16 @@
 //! NomicBERT (nomic-embed-text-v1 and v1.5): rotary attention (GPT-NeoX half-split), SwiGLU MLP, post-norm
-//! layers, no position embeddings, no biases on the projections; mean-pooled like BERT.
-//!
-//! Sequences of a batch are laid end to end without padding: the projections and the MLP run once over all
-//! tokens of the batch, attention runs per sequence over blocks of queries, so an 8192-token input never
-//! materialises its [heads, L, L] score matrix and a padded batch gives the vectors of single inputs.
+//! layers, no position embeddings, no biases on the projections; mean-pooled like BERT. The layers run on
+//! the shared engine ([`kernels::layers`]): the fused qkv projection, rotary applied in place to its
+//! queries and keys, the blocked attention, the fused SwiGLU epilogue; this file reads the config and the
+//! weights and embeds the tokens.
 
-use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{ops, rotary_emb, Linear, VarBuilder};
 use serde_json::Value;
 
-use super::pooling;
-use super::{Encoder, ModelError};
-
-/// Most elements of one block of attention scores (heads × queries × keys): 2 Mi f32 is 8 MiB, so the
-/// few temporaries of a block stay around 25 MiB however long the sequence, and the allocator reuses them
-/// instead of mapping fresh pages for each block (larger blocks cost more system time, no less user time).
-const SCORE_BLOCK_ELEMENTS: usize = 2 << 20;
-/// Most tokens run through the layers at once; bounds the activations of a large batch of long inputs.
-const TOKENS_PER_PASS: usize = 16_384;
-/// Most tokens through the MLP at once: its four [tokens, inner] temporaries are 96 MiB at 768 wide.
-const MLP_ROWS: usize = 2048;
+use super::kernels::attention::Rotary;
+use super::kernels::gemm::Packed;
+use super::kernels::layers::{Layer, Linear, Mlp, Stack};
+use super::kernels::{self, LayerNorm, Precision};
+use super::{check_batch, Encoder, ModelError, Sequence, Weights};
 
 /// The hyper-parameters read from config.json, with every setting this implementation does not cover
 /// refused at load rather than silently computed differently.
@@ -111,204 +102,72 @@ impl Config {
     }
 }
 
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f32,
+fn layer_norm(w: &Weights, prefix: &str, size: usize, eps: f64) -> Result<LayerNorm, ModelError> {
+    Ok(LayerNorm {
+        weight: w.get(&format!("{prefix}.weight"), &[size])?,
+        bias: w.get(&format!("{prefix}.bias"), &[size])?,
+        eps: eps as f32,
+    })
 }
 
-impl LayerNorm {
-    fn load(vb: VarBuilder, size: usize, eps: f64) -> candle_core::Result<LayerNorm> {
-        Ok(LayerNorm {
-            weight: vb.get(size, "weight")?,
-            bias: vb.get(size, "bias")?,
-            eps: eps as f32,
-        })
-    }
-
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        ops::layer_norm(xs, &self.weight, &self.bias, self.eps)
-    }
+/// A bias-free `Linear`.
+fn linear(
+    w: &Weights,
+    name: &str,
+    inputs: usize,
+    outputs: usize,
+    precision: Precision,
+) -> Result<Linear, ModelError> {
+    let weight = w.get(&format!("{name}.weight"), &[outputs, inputs])?;
+    Ok(Linear::new(&weight, None, inputs, outputs, precision))
 }
 
-fn linear(vb: VarBuilder, inputs: usize, outputs: usize) -> candle_core::Result<Linear> {
-    Ok(Linear::new(vb.get((outputs, inputs), "weight")?, None))
-}
-
-/// The rotary angles' cosines and sines, [max_positions, head_dim / 2], computed as nomic's code does:
-/// f32 inverse frequencies and f32 angles `position × inv_freq`, so that the rounding of long positions
-/// matches the reference.
-struct Rotary {
-    cos: Tensor,
-    sin: Tensor,
-}
-
-impl Rotary {
-    fn new(c: &Config) -> candle_core::Result<Rotary> {
-        let dim = c.head_dim();
-        let inv_freq: Vec<f32> = (0..dim)
-            .step_by(2)
-            .map(|i| (1.0 / c.rotary_base.powf(i as f64 / dim as f64)) as f32)
-            .collect();
-        let mut cos = Vec::with_capacity(c.max_positions * inv_freq.len());
-        let mut sin = Vec::with_capacity(c.max_positions * inv_freq.len());
-        for position in 0..c.max_positions {
-            for &f in &inv_freq {
-                let angle = f64::from(position as f32 * f);
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
-            }
-        }
-        let shape = (c.max_positions, dim / 2);
-        Ok(Rotary {
-            cos: Tensor::from_vec(cos, shape, &Device::Cpu)?,
-            sin: Tensor::from_vec(sin, shape, &Device::Cpu)?,
-        })
-    }
-
-    /// `xs`: [heads, len, head_dim], contiguous.
-    fn apply(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let len = xs.dim(1)?;
-        let rotated = rotary_emb::rope(
-            &xs.unsqueeze(0)?,
-            &self.cos.narrow(0, 0, len)?,
-            &self.sin.narrow(0, 0, len)?,
-        )?;
-        rotated.squeeze(0)
-    }
-}
-
-struct Layer {
-    /// Rows are [q; k; v], each with its heads contiguous.
-    qkv: Linear,
-    out_proj: Linear,
-    norm1: LayerNorm,
-    /// The value branch of the gated MLP.
-    fc11: Linear,
-    /// The gate branch, through SiLU.
-    fc12: Linear,
-    fc2: Linear,
-    norm2: LayerNorm,
-}
-
-impl Layer {
-    fn load(vb: VarBuilder, c: &Config) -> candle_core::Result<Layer> {
-        let attn = vb.pp("attn");
-        let mlp = vb.pp("mlp");
-        Ok(Layer {
-            qkv: linear(attn.pp("Wqkv"), c.hidden, 3 * c.hidden)?,
-            out_proj: linear(attn.pp("out_proj"), c.hidden, c.hidden)?,
-            norm1: LayerNorm::load(vb.pp("norm1"), c.hidden, c.eps)?,
-            fc11: linear(mlp.pp("fc11"), c.hidden, c.inner)?,
-            fc12: linear(mlp.pp("fc12"), c.hidden, c.inner)?,
-            fc2: linear(mlp.pp("fc2"), c.inner, c.hidden)?,
-            norm2: LayerNorm::load(vb.pp("norm2"), c.hidden, c.eps)?,
-        })
-    }
-
-    /// `xs`: [tokens, hidden], the sequences of `spans` (start, length) end to end.
-    fn forward(
-        &self,
-        xs: &Tensor,
-        spans: &[(usize, usize)],
-        c: &Config,
-        rotary: &Rotary,
-    ) -> candle_core::Result<Tensor> {
-        let qkv = self.qkv.forward(xs)?;
-        let contexts = spans
-            .iter()
-            .map(|&(start, len)| attend(&qkv.narrow(0, start, len)?, c, rotary))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let context = Tensor::cat(&contexts, 0)?;
-        let xs = self
-            .norm1
-            .forward(&(self.out_proj.forward(&context)? + xs)?)?;
-        let tokens = xs.dim(0)?;
-        let chunks = (0..tokens)
-            .step_by(MLP_ROWS)
-            .map(|first| self.mlp(&xs.narrow(0, first, MLP_ROWS.min(tokens - first))?))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        self.norm2.forward(&(Tensor::cat(&chunks, 0)? + xs)?)
-    }
-
-    /// SwiGLU: `fc2(fc11(x) * silu(fc12(x)))`.
-    fn mlp(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let gated = (self.fc11.forward(xs)? * self.fc12.forward(xs)?.silu()?)?;
-        self.fc2.forward(&gated)
-    }
-}
-
-/// Self-attention of one sequence: `qkv` [len, 3·hidden] in, context [len, hidden] out. A short sequence
-/// takes all heads in one product; a long one goes head by head, in blocks of queries small enough that
-/// a block's scores stay under [`SCORE_BLOCK_ELEMENTS`]. Head by head, each block is as tall as the budget
-/// allows, so the keys are packed for the matrix product once per block rather than once per head and block.
-fn attend(qkv: &Tensor, c: &Config, rotary: &Rotary) -> candle_core::Result<Tensor> {
-    let len = qkv.dim(0)?;
-    let head_dim = c.head_dim();
-    let qkv = qkv.reshape((len, 3, c.heads, head_dim))?;
-    let part = |i: usize| {
-        qkv.narrow(1, i, 1)?
-            .squeeze(1)?
-            .transpose(0, 1)?
-            .contiguous()
-    };
-    let scale = 1.0 / (head_dim as f64).sqrt();
-    let q = (rotary.apply(&part(0)?)? * scale)?;
-    let k = rotary.apply(&part(1)?)?;
-    let v = part(2)?;
-    let weighted =
-        |q: &Tensor, k: &Tensor, v: &Tensor| ops::softmax_last_dim(&q.matmul(&k.t()?)?)?.matmul(v);
-    if c.heads * len * len <= SCORE_BLOCK_ELEMENTS {
-        return weighted(&q, &k, &v)?
-            .transpose(0, 1)?
-            .reshape((len, c.hidden));
-    }
-    let block = (SCORE_BLOCK_ELEMENTS / len).clamp(1, len);
-    let mut heads = Vec::with_capacity(c.heads);
-    for head in 0..c.heads {
-        let (q, k, v) = (q.get(head)?, k.get(head)?, v.get(head)?);
-        let blocks = (0..len)
-            .step_by(block)
-            .map(|first| weighted(&q.narrow(0, first, block.min(len - first))?, &k, &v))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        heads.push(Tensor::cat(&blocks, 0)?);
-    }
-    Tensor::cat(&heads, 1)
+fn load_layer(w: &Weights, prefix: &str, c: &Config, p: Precision) -> Result<Layer, ModelError> {
+    let (value, gate) = (
+        w.get(&format!("{prefix}.mlp.fc11.weight"), &[c.inner, c.hidden])?,
+        w.get(&format!("{prefix}.mlp.fc12.weight"), &[c.inner, c.hidden])?,
+    );
+    Ok(Layer {
+        qkv: linear(w, &format!("{prefix}.attn.Wqkv"), c.hidden, 3 * c.hidden, p)?,
+        attention_out: linear(w, &format!("{prefix}.attn.out_proj"), c.hidden, c.hidden, p)?,
+        attention_norm: layer_norm(w, &format!("{prefix}.norm1"), c.hidden, c.eps)?,
+        mlp: Mlp::SwiGlu(Packed::swiglu(&value, &gate, c.hidden, c.inner, p)),
+        mlp_out: linear(w, &format!("{prefix}.mlp.fc2"), c.inner, c.hidden, p)?,
+        mlp_norm: layer_norm(w, &format!("{prefix}.norm2"), c.hidden, c.eps)?,
+    })
 }
 
 pub struct NomicBert {
     config: Config,
-    word_embeddings: Tensor,
-    token_type_embedding: Tensor,
+    /// [vocab, hidden]
+    word_embeddings: Vec<f32>,
+    /// [type_vocab, hidden]
+    token_type_embeddings: Vec<f32>,
     embedding_norm: LayerNorm,
-    layers: Vec<Layer>,
-    rotary: Rotary,
+    stack: Stack,
 }
 
 impl NomicBert {
-    pub fn load(config: &Value, weights: &[u8]) -> Result<NomicBert, ModelError> {
+    pub fn load(
+        config: &Value,
+        weights: &[u8],
+        precision: Precision,
+    ) -> Result<NomicBert, ModelError> {
         let c = Config::parse(config)?;
-        let vb = VarBuilder::from_slice_safetensors(weights, DType::F32, &Device::Cpu)
-            .map_err(|e| ModelError::new(format!("model.safetensors cannot be read: {e}")))?;
-        let load = || -> candle_core::Result<NomicBert> {
-            let embeddings = vb.pp("embeddings");
-            let layers = (0..c.layers)
-                .map(|i| Layer::load(vb.pp("encoder").pp("layers").pp(i), &c))
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            Ok(NomicBert {
-                word_embeddings: embeddings.get((c.vocab, c.hidden), "word_embeddings.weight")?,
-                // Every input is one segment, so only row 0 of the token-type table is ever added.
-                token_type_embedding: embeddings
-                    .get((c.type_vocab, c.hidden), "token_type_embeddings.weight")?
-                    .get(0)?,
-                embedding_norm: LayerNorm::load(vb.pp("emb_ln"), c.hidden, c.eps)?,
-                layers,
-                rotary: Rotary::new(&c)?,
-                config: c,
-            })
-        };
-        load().map_err(|e| {
-            ModelError::new(format!("model.safetensors does not fit config.json: {e}"))
+        let w = Weights::new(weights)?;
+        let layers = (0..c.layers)
+            .map(|i| load_layer(&w, &format!("encoder.layers.{i}"), &c, precision))
+            .collect::<Result<Vec<_>, _>>()?;
+        let rotary = Rotary::new(c.head_dim(), c.max_positions, c.rotary_base);
+        Ok(NomicBert {
+            word_embeddings: w.get("embeddings.word_embeddings.weight", &[c.vocab, c.hidden])?,
+            token_type_embeddings: w.get(
+                "embeddings.token_type_embeddings.weight",
+                &[c.type_vocab, c.hidden],
+            )?,
+            embedding_norm: layer_norm(&w, "emb_ln", c.hidden, c.eps)?,
+            stack: Stack::new(c.hidden, c.heads, c.inner, layers, Some(rotary)),
+            config: c,
         })
     }
 
@@ -316,32 +175,18 @@ impl NomicBert {
         self.config.hidden
     }
 
-    /// Runs sequences laid end to end; returns their mean-pooled final states.
-    fn forward(&self, batch: &[&[u32]]) -> candle_core::Result<Vec<Vec<f32>>> {
-        let mut spans = Vec::with_capacity(batch.len());
-        let mut ids = Vec::new();
-        for sequence in batch {
-            spans.push((ids.len(), sequence.len()));
-            ids.extend_from_slice(sequence);
+    /// Word and token type embeddings of one sequence, summed and normalised into `rows`.
+    fn embed(&self, sequence: &Sequence, rows: &mut [f32]) {
+        let hidden = self.config.hidden;
+        for (i, (row, &id)) in rows.chunks_exact_mut(hidden).zip(sequence.ids).enumerate() {
+            let word = &self.word_embeddings[id as usize * hidden..][..hidden];
+            let segment = sequence.token_type(i) as usize;
+            let segment = &self.token_type_embeddings[segment * hidden..][..hidden];
+            for ((x, w), t) in row.iter_mut().zip(word).zip(segment) {
+                *x = w + t;
+            }
         }
-        let ids = Tensor::from_vec(
-            ids,
-            (spans.iter().map(|s| s.1).sum::<usize>(),),
-            &Device::Cpu,
-        )?;
-        let embedded = self
-            .word_embeddings
-            .index_select(&ids, 0)?
-            .broadcast_add(&self.token_type_embedding)?;
-        let mut xs = self.embedding_norm.forward(&embedded)?;
-        for layer in &self.layers {
-            xs = layer.forward(&xs, &spans, &self.config, &self.rotary)?;
-        }
-        let states = xs.to_vec2::<f32>()?;
-        Ok(spans
-            .iter()
-            .map(|&(start, len)| pooling::mean(&states[start..start + len]))
-            .collect())
+        self.embedding_norm.forward(rows);
     }
 }
 
@@ -354,34 +199,19 @@ impl Encoder for NomicBert {
         self.config.vocab
     }
 
-    fn encode(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, ModelError> {
-        if let Some(bad) = batch
-            .iter()
-            .find(|s| s.is_empty() || s.len() > self.config.max_positions)
-        {
-            return Err(ModelError::invalid(format!(
-                "a sequence of {} tokens cannot be encoded (1..={} tokens)",
-                bad.len(),
-                self.config.max_positions
-            )));
-        }
-        let mut pooled = Vec::with_capacity(batch.len());
-        let mut start = 0;
-        while start < batch.len() {
-            // A pass takes sequences while they fit the token budget, and always at least one.
-            let mut end = start + 1;
-            let mut tokens = batch[start].len();
-            while end < batch.len() && tokens + batch[end].len() <= TOKENS_PER_PASS {
-                tokens += batch[end].len();
-                end += 1;
-            }
-            pooled.extend(
-                self.forward(&batch[start..end])
-                    .map_err(ModelError::internal)?,
-            );
-            start = end;
-        }
-        Ok(pooled)
+    fn precision(&self) -> Precision {
+        self.stack.precision()
+    }
+
+    fn encode(&self, batch: &[Sequence]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let c = &self.config;
+        check_batch(batch, c.max_positions, c.vocab, c.type_vocab)?;
+        let lengths: Vec<usize> = batch.iter().map(|s| s.ids.len()).collect();
+        Ok(self.stack.run(
+            &lengths,
+            &|i, rows| self.embed(&batch[i], rows),
+            &|states, lengths| kernels::mean_rows(states, c.hidden, lengths),
+        ))
     }
 }
 
@@ -437,19 +267,5 @@ mod tests {
                 "{key}: {error:?}"
             );
         }
-    }
-
-    #[test]
-    fn rotary_angles_are_f32_products_like_the_reference() {
-        let c = Config::parse(&fixture_config()).unwrap();
-        let rotary = Rotary::new(&c).unwrap();
-        let cos = rotary.cos.to_vec2::<f32>().unwrap();
-        let sin = rotary.sin.to_vec2::<f32>().unwrap();
-        // inv_freq[0] is 1, so column 0 holds cos and sin of the position itself.
-        assert_eq!(cos[1500][0], (1500f64).cos() as f32);
-        assert_eq!(sin[1500][0], (1500f64).sin() as f32);
-        // The last frequency is 1000^(-14/16).
-        let f = (1.0 / 1000f64.powf(14.0 / 16.0)) as f32;
-        assert_eq!(cos[700][7], f64::from(700f32 * f).cos() as f32);
     }
 }

@@ -1,20 +1,7 @@
 //! From token states to the vector a client receives: mean pooling, the v1.5 layer norm, Matryoshka
-//! truncation and L2 normalisation. (BERT pools its packed states itself, with `kernels::mean_rows`.)
+//! truncation and L2 normalisation. (The architectures mean-pool their packed states with `kernels::mean_rows`.)
 
 use super::catalog::ModelSpec;
-
-/// The mean of `rows` (token states of one sequence, padding excluded).
-pub fn mean(rows: &[Vec<f32>]) -> Vec<f32> {
-    let width = rows.first().map_or(0, Vec::len);
-    let mut sum = vec![0f64; width];
-    for row in rows {
-        for (s, x) in sum.iter_mut().zip(row) {
-            *s += f64::from(*x);
-        }
-    }
-    let count = rows.len().max(1) as f64;
-    sum.into_iter().map(|s| (s / count) as f32).collect()
-}
 
 /// Turns a pooled vector into the embedding of width `dims` that `spec` promises.
 pub fn finish(spec: &ModelSpec, mut pooled: Vec<f32>, dims: usize) -> Vec<f32> {

@@ -1,0 +1,1342 @@
+//! Dense products on weights packed once at load, for the three precisions.
+//!
+//! A weight `W` (`[outputs, inputs]` as PyTorch stores it) is kept as `Wᵀ` cut into *strips* of 16 output
+//! columns, each strip its `inputs` rows of 16 values back to back, so that a micro-kernel streams a strip
+//! with one aligned 64-byte load per input and never repacks on a call (the `gemm` crate packs the weight
+//! again on every product, which dominates when a batch has few rows). A micro-kernel keeps a tile of up to
+//! 12 rows × 2 strips (24 vector accumulators) in registers over the whole input dimension; the driver runs
+//! the tiles of any row count and any range of output columns (a team member's share), and applies the
+//! layer's epilogue (bias, GELU, SwiGLU, scale, accumulate) to each tile while it is still in L1.
+//!
+//! - **f32**: `vfmadd231ps` (AVX-512, else AVX2+FMA, else portable code), exact like PyTorch up to the
+//!   order of the sums.
+//! - **bf16**: weights rounded to bfloat16, activations rounded to bfloat16 per product, `vdpbf16ps` (two
+//!   products per lane per instruction) accumulating in f32.
+//! - **int8**: weights int8 with one scale per output column; activations quantised at run time per token
+//!   *in groups of 32 inputs*, one scale per group, and `vpdpbusd` sums each group in i32 before it is
+//!   scaled into an f32 accumulator. One scale per whole token is not enough: the layer norms feeding the
+//!   projections have a few outlier channels (|x| up to ~10× the rest), and a per-token scale sized for them
+//!   leaves the other channels a handful of levels (worst-case cosine to f32 0.985 on all-MiniLM-L6-v2, as
+//!   simulated in PyTorch; 0.993 with SmoothQuant), while a group confines each outlier's coarse scale to 31
+//!   neighbours (0.998 simulated; see README "Precision" for what this engine measures). `vpdpbusd` takes
+//!   unsigned activations: they are stored as `q + 128`, and the weight columns' sums times 128 are
+//!   subtracted by starting each group's accumulator from them.
+
+use std::ops::Range;
+
+use super::{exp, gelu};
+
+/// Output columns per strip: one AVX-512 register of f32.
+pub const LANES: usize = 16;
+/// Inputs per int8 quantisation group (and the alignment of a split of the inputs for int8).
+pub const GROUP: usize = 32;
+/// Most rows of an f32/bf16 tile (12 rows × 2 strips = 24 accumulators of the 32 vector registers).
+const MR: usize = 12;
+/// Most rows of an int8 tile: each tile element needs an i32 group accumulator besides its f32 one.
+const MR_INT8: usize = 6;
+/// The bytes of weight strips the driver keeps hot in L2 while it runs every row block over them.
+const CHUNK_BYTES: usize = 256 << 10;
+
+type Tile = [[f32; 2 * LANES]; MR];
+
+/// The arithmetic of the dense layers, chosen at load for the whole model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// f32 weights and products: the reference results (the default).
+    #[default]
+    F32,
+    /// bfloat16 weights and products with f32 accumulation (AVX512_BF16).
+    Bf16,
+    /// int8 weights and activations with i32 accumulation per group (AVX512_VNNI).
+    Int8,
+}
+
+impl Precision {
+    pub const ALL: [Precision; 3] = [Precision::F32, Precision::Bf16, Precision::Int8];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+            Precision::Int8 => "int8",
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<Precision, String> {
+        Precision::ALL
+            .into_iter()
+            .find(|p| p.name() == text)
+            .ok_or_else(|| {
+                format!("unknown precision {text:?}; the precisions are f32, bf16 and int8")
+            })
+    }
+
+    /// The CPU features this precision's products need.
+    fn features(self) -> &'static [&'static str] {
+        match self {
+            Precision::F32 => &[],
+            Precision::Bf16 => &["avx512f", "avx512bw", "avx512bf16"],
+            Precision::Int8 => &["avx512f", "avx512bw", "avx512vnni"],
+        }
+    }
+
+    /// Whether this CPU runs the precision; if not, an error naming the missing feature and the
+    /// precisions that would work here. There is no silent fallback to another precision.
+    pub fn check_cpu(self) -> Result<(), String> {
+        let missing: Vec<&str> = self
+            .features()
+            .iter()
+            .copied()
+            .filter(|f| !cpu_has(f))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let working: Vec<&str> = Precision::ALL
+            .into_iter()
+            .filter(|p| p.features().iter().all(|f| cpu_has(f)))
+            .map(Precision::name)
+            .collect();
+        Err(format!(
+            "precision {} needs the CPU feature{} {}, which this CPU lacks; precisions that work here: {}",
+            self.name(),
+            if missing.len() > 1 { "s" } else { "" },
+            missing.join(", "),
+            working.join(", ")
+        ))
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+fn cpu_has(feature: &str) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        match feature {
+            "avx512f" => std::arch::is_x86_feature_detected!("avx512f"),
+            "avx512bw" => std::arch::is_x86_feature_detected!("avx512bw"),
+            "avx512bf16" => std::arch::is_x86_feature_detected!("avx512bf16"),
+            "avx512vnni" => std::arch::is_x86_feature_detected!("avx512vnni"),
+            _ => false,
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = feature;
+        false
+    }
+}
+
+/// The instruction set the f32 products run on, detected once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    Avx512,
+    Avx2,
+    Portable,
+}
+
+fn isa() -> Isa {
+    use std::sync::OnceLock;
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return Isa::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Portable
+    })
+}
+
+/// f32 → bfloat16, rounded to nearest even (finite inputs; the engine's activations are finite).
+#[inline(always)]
+pub fn bf16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    ((bits + 0x7fff + ((bits >> 16) & 1)) >> 16) as u16
+}
+
+/// A weight matrix packed for the micro-kernels (see the module documentation).
+pub struct Packed {
+    /// Inputs: the rows of `Wᵀ`.
+    k: usize,
+    /// Output columns, the padding of the last strip excluded.
+    n: usize,
+    strips: usize,
+    data: Data,
+}
+
+enum Data {
+    /// `[strip][k][16]`
+    F32(Vec<f32>),
+    /// `[strip][k/2][16]`, each u32 the bf16 pair (input 2p, input 2p+1) of one column.
+    Bf16(Vec<u32>),
+    /// `[strip][kp/4][16]`, each u32 four int8 weights of inputs 4p..4p+4 of one column (kp: k padded to
+    /// whole groups); `scale[column]`; `start[strip][group][16]`: −128 × the group's weights summed, the
+    /// value each group's i32 accumulator starts from (see the module documentation).
+    Int8 {
+        q: Vec<u32>,
+        scale: Vec<f32>,
+        start: Vec<i32>,
+    },
+}
+
+impl Packed {
+    /// Packs `W` ([outputs, inputs] row-major, as PyTorch stores it) in `precision`.
+    pub fn new(weight: &[f32], inputs: usize, outputs: usize, precision: Precision) -> Packed {
+        assert_eq!(weight.len(), inputs * outputs, "weight shape");
+        let strips = outputs.div_ceil(LANES);
+        let mut data = vec![0f32; strips * inputs * LANES];
+        for (column, row) in weight.chunks_exact(inputs.max(1)).enumerate() {
+            let (strip, lane) = (column / LANES, column % LANES);
+            let base = strip * inputs * LANES + lane;
+            for (i, &w) in row.iter().enumerate() {
+                data[base + i * LANES] = w;
+            }
+        }
+        Packed::from_strips(data, inputs, outputs, precision)
+    }
+
+    /// Packs a gated MLP's two input projections (`value`, `gate`: [inner, inputs] each) for the fused
+    /// SwiGLU epilogue: strip 2s holds value columns 16s.., strip 2s+1 the gate columns of the same outputs.
+    pub fn swiglu(
+        value: &[f32],
+        gate: &[f32],
+        inputs: usize,
+        inner: usize,
+        precision: Precision,
+    ) -> Packed {
+        let value = Packed::new(value, inputs, inner, Precision::F32);
+        let gate = Packed::new(gate, inputs, inner, Precision::F32);
+        let (Data::F32(value), Data::F32(gate)) = (value.data, gate.data) else {
+            unreachable!("packed as f32 above")
+        };
+        let strip = inputs * LANES;
+        let mut data = Vec::with_capacity(2 * value.len());
+        for (v, g) in value
+            .chunks_exact(strip.max(1))
+            .zip(gate.chunks_exact(strip.max(1)))
+        {
+            data.extend_from_slice(v);
+            data.extend_from_slice(g);
+        }
+        let strips = 2 * inner.div_ceil(LANES);
+        Packed::from_strips(data, inputs, strips * LANES, precision)
+    }
+
+    fn from_strips(data: Vec<f32>, k: usize, n: usize, precision: Precision) -> Packed {
+        let strips = n.div_ceil(LANES);
+        let data = match precision {
+            Precision::F32 => Data::F32(data),
+            Precision::Bf16 => {
+                let pairs = k.div_ceil(2);
+                let mut packed = vec![0u32; strips * pairs * LANES];
+                for s in 0..strips {
+                    for i in 0..k {
+                        for lane in 0..LANES {
+                            let w = u32::from(bf16(data[(s * k + i) * LANES + lane]));
+                            packed[(s * pairs + i / 2) * LANES + lane] |= w << (16 * (i % 2));
+                        }
+                    }
+                }
+                Data::Bf16(packed)
+            }
+            Precision::Int8 => {
+                let groups = k.div_ceil(GROUP);
+                let quads = groups * GROUP / 4;
+                let mut scale = vec![0f32; strips * LANES];
+                for s in 0..strips {
+                    for lane in 0..LANES {
+                        let max = (0..k)
+                            .map(|i| data[(s * k + i) * LANES + lane].abs())
+                            .fold(0f32, f32::max);
+                        scale[s * LANES + lane] = if max > 0.0 { max / 127.0 } else { 1.0 };
+                    }
+                }
+                let mut q = vec![0u32; strips * quads * LANES];
+                let mut start = vec![0i32; strips * groups * LANES];
+                for s in 0..strips {
+                    for i in 0..k {
+                        for lane in 0..LANES {
+                            let w = data[(s * k + i) * LANES + lane] / scale[s * LANES + lane];
+                            let w = w.round().clamp(-127.0, 127.0) as i8;
+                            q[(s * quads + i / 4) * LANES + lane] |=
+                                u32::from(w as u8) << (8 * (i % 4));
+                            start[(s * groups + i / GROUP) * LANES + lane] -= 128 * i32::from(w);
+                        }
+                    }
+                }
+                Data::Int8 { q, scale, start }
+            }
+        };
+        Packed { k, n, strips, data }
+    }
+
+    pub fn inputs(&self) -> usize {
+        self.k
+    }
+
+    pub fn outputs(&self) -> usize {
+        self.n
+    }
+
+    pub fn precision(&self) -> Precision {
+        match self.data {
+            Data::F32(_) => Precision::F32,
+            Data::Bf16(_) => Precision::Bf16,
+            Data::Int8 { .. } => Precision::Int8,
+        }
+    }
+
+    /// The bytes the packed weight occupies.
+    pub fn bytes(&self) -> usize {
+        match &self.data {
+            Data::F32(d) => d.len() * 4,
+            Data::Bf16(d) => d.len() * 4,
+            Data::Int8 { q, scale, start } => (q.len() + scale.len() + start.len()) * 4,
+        }
+    }
+
+    /// Where a split of the inputs between team members may fall for this precision.
+    pub fn input_granule(&self) -> usize {
+        match self.data {
+            Data::F32(_) => 1,
+            Data::Bf16(_) => 2,
+            Data::Int8 { .. } => GROUP,
+        }
+    }
+
+    /// Converts rows of f32 activations into the form this weight's products read, in `scratch`: `rows`
+    /// rows `lda` floats apart, each holding the values of the weight's inputs `inputs` from its first
+    /// column on (a team member's share of the inputs, or all of them). The result serves any number of
+    /// products with this weight (or another of the same precision and inputs).
+    pub fn prepare<'s>(
+        &self,
+        a: &'s [f32],
+        rows: usize,
+        lda: usize,
+        inputs: Range<usize>,
+        scratch: &'s mut Scratch,
+    ) -> Prepared<'s> {
+        assert!(
+            inputs.end <= self.k && inputs.start <= inputs.end,
+            "input range"
+        );
+        assert!(
+            rows == 0 || (rows - 1) * lda + inputs.len() <= a.len(),
+            "activations outside their buffer"
+        );
+        assert!(
+            inputs.start.is_multiple_of(self.input_granule()),
+            "input range misaligned for {}",
+            self.precision()
+        );
+        let width = inputs.len();
+        match self.data {
+            Data::F32(_) => Prepared {
+                rows,
+                inputs,
+                a: Operand::F32 { a, lda },
+            },
+            Data::Bf16(_) => {
+                let pairs = width.div_ceil(2);
+                let words = grown(&mut scratch.words, rows * pairs);
+                for r in 0..rows {
+                    let src = &a[r * lda..r * lda + width];
+                    to_bf16_pairs(src, &mut words[r * pairs..(r + 1) * pairs]);
+                }
+                Prepared {
+                    rows,
+                    inputs,
+                    a: Operand::Bf16 {
+                        a: &scratch.words[..rows * pairs],
+                        lda: pairs,
+                    },
+                }
+            }
+            Data::Int8 { .. } => {
+                let groups = width.div_ceil(GROUP);
+                let quads = groups * GROUP / 4;
+                let words = grown(&mut scratch.words, rows * quads);
+                let scales = grown(&mut scratch.scales, rows * groups);
+                for r in 0..rows {
+                    let src = &a[r * lda..r * lda + width];
+                    quantise_row(
+                        src,
+                        &mut words[r * quads..(r + 1) * quads],
+                        &mut scales[r * groups..(r + 1) * groups],
+                    );
+                }
+                Prepared {
+                    rows,
+                    inputs,
+                    a: Operand::Int8 {
+                        a: &scratch.words[..rows * quads],
+                        lda: quads,
+                        scales: &scratch.scales[..rows * groups],
+                        groups,
+                    },
+                }
+            }
+        }
+    }
+
+    /// `out[r, out_col + (j − cols.start)] ← epilogue((A·Wᵀ)[r, j])` for the prepared rows of A and the
+    /// output columns `cols` of this weight (for [`Epilogue::SwiGlu`], columns of the gated output).
+    pub fn product(
+        &self,
+        a: &Prepared,
+        cols: Range<usize>,
+        out: &mut [f32],
+        ldo: usize,
+        out_col: usize,
+        epilogue: Epilogue,
+    ) {
+        let n = match epilogue {
+            Epilogue::SwiGlu => self.strips / 2 * LANES,
+            _ => self.n,
+        };
+        assert!(cols.start <= cols.end && cols.end <= n, "column range");
+        let rows = a.rows;
+        assert!(
+            rows == 0 || (rows - 1) * ldo + out_col + cols.len() <= out.len(),
+            "output outside its buffer"
+        );
+        if let Epilogue::Bias(b) | Epilogue::BiasGelu(b) = epilogue {
+            assert!(b.len() >= cols.end, "bias shorter than the columns");
+        }
+        if rows == 0 || cols.is_empty() {
+            return;
+        }
+        let job = Job {
+            rows,
+            inputs: a.inputs.clone(),
+            cols,
+            out: out.as_mut_ptr(),
+            ldo,
+            out_col,
+            epilogue,
+        };
+        // SAFETY: the shapes were checked above; each variant reads A and W inside the ranges checked
+        // here and in `prepare`, and writes only `out`'s rows × the given columns.
+        unsafe {
+            match (&self.data, &a.a) {
+                (Data::F32(w), Operand::F32 { a, lda }) => {
+                    let b = Strips {
+                        ptr: w.as_ptr(),
+                        row: LANES,
+                        strip: self.k * LANES,
+                    };
+                    f32_product(&job, a.as_ptr(), *lda, b);
+                }
+                #[cfg(target_arch = "x86_64")]
+                (Data::Bf16(w), Operand::Bf16 { a, lda }) => {
+                    let pairs = self.k.div_ceil(2);
+                    x86::bf16_product(&job, a.as_ptr(), *lda, w.as_ptr(), pairs)
+                }
+                #[cfg(target_arch = "x86_64")]
+                (
+                    Data::Int8 { q, scale, start },
+                    Operand::Int8 {
+                        a,
+                        lda,
+                        scales,
+                        groups,
+                    },
+                ) => x86::int8_product(
+                    &job,
+                    x86::Int8A {
+                        a: a.as_ptr(),
+                        lda: *lda,
+                        scales: scales.as_ptr(),
+                        groups: *groups,
+                    },
+                    x86::Int8W {
+                        q: q.as_ptr(),
+                        scale: scale.as_ptr(),
+                        start: start.as_ptr(),
+                        quads: self.k.div_ceil(GROUP) * GROUP / 4,
+                        groups: self.k.div_ceil(GROUP),
+                    },
+                ),
+                _ => panic!("activations prepared for another precision than the weight"),
+            }
+        }
+    }
+}
+
+/// Reusable buffers for prepared activations.
+#[derive(Default)]
+pub struct Scratch {
+    words: Vec<u32>,
+    scales: Vec<f32>,
+}
+
+fn grown<T: Default + Clone>(buffer: &mut Vec<T>, len: usize) -> &mut [T] {
+    if buffer.len() < len {
+        buffer.resize(len, T::default());
+    }
+    &mut buffer[..len]
+}
+
+fn to_bf16_pairs(src: &[f32], dst: &mut [u32]) {
+    let mut pairs = src.chunks_exact(2);
+    for (d, pair) in dst.iter_mut().zip(&mut pairs) {
+        *d = u32::from(bf16(pair[0])) | u32::from(bf16(pair[1])) << 16;
+    }
+    if let [last] = pairs.remainder() {
+        dst[src.len() / 2] = u32::from(bf16(*last));
+    }
+}
+
+/// One token's activations as `q + 128` bytes in groups of [`GROUP`], one scale (max |x| / 127) a group;
+/// the tail of the last group is zero (128).
+fn quantise_row(src: &[f32], words: &mut [u32], scales: &mut [f32]) {
+    let bytes: &mut [u8] = bytemuck_u8(words);
+    for (g, scale) in scales.iter_mut().enumerate() {
+        let group = &src[(g * GROUP).min(src.len())..((g + 1) * GROUP).min(src.len())];
+        let max = group.iter().fold(0f32, |m, x| m.max(x.abs()));
+        *scale = if max > 0.0 { max / 127.0 } else { 1.0 };
+        let inverse = 1.0 / *scale;
+        let out = &mut bytes[g * GROUP..(g + 1) * GROUP];
+        for (o, &x) in out.iter_mut().zip(group) {
+            *o = ((x * inverse).round().clamp(-127.0, 127.0) as i32 + 128) as u8;
+        }
+        for o in &mut out[group.len()..] {
+            *o = 128;
+        }
+    }
+}
+
+fn bytemuck_u8(words: &mut [u32]) -> &mut [u8] {
+    // SAFETY: u8 has no alignment or validity requirements; the length covers the same bytes.
+    unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), words.len() * 4) }
+}
+
+/// Activations ready for one precision's products.
+pub struct Prepared<'a> {
+    rows: usize,
+    inputs: Range<usize>,
+    a: Operand<'a>,
+}
+
+enum Operand<'a> {
+    F32 {
+        a: &'a [f32],
+        lda: usize,
+    },
+    Bf16 {
+        a: &'a [u32],
+        lda: usize,
+    },
+    Int8 {
+        a: &'a [u32],
+        lda: usize,
+        scales: &'a [f32],
+        groups: usize,
+    },
+}
+
+/// What happens to each product before it is stored.
+#[derive(Debug, Clone, Copy)]
+pub enum Epilogue<'a> {
+    /// `out = x · s`
+    Scale(f32),
+    /// `out = x + bias[j]`
+    Bias(&'a [f32]),
+    /// `out = GELU(x + bias[j])`, the exact erf form of BERT.
+    BiasGelu(&'a [f32]),
+    /// `out = value · SiLU(gate)` for weights packed by [`Packed::swiglu`].
+    SwiGlu,
+    /// `out += x`
+    Accumulate,
+}
+
+/// One product's shape, shared by the precision-specific drivers.
+struct Job<'a> {
+    rows: usize,
+    inputs: Range<usize>,
+    cols: Range<usize>,
+    out: *mut f32,
+    ldo: usize,
+    out_col: usize,
+    epilogue: Epilogue<'a>,
+}
+
+/// f32 strips: element (input i, lane l) of strip s at `ptr + s·strip + i·row + l`.
+#[derive(Clone, Copy)]
+pub(super) struct Strips {
+    pub ptr: *const f32,
+    pub row: usize,
+    pub strip: usize,
+}
+
+impl Job<'_> {
+    /// The strips the driver computes and how their tiles land in the output: for SwiGLU each output
+    /// strip is a pair of weight strips.
+    fn strips(&self) -> Range<usize> {
+        self.cols.start / LANES..self.cols.end.div_ceil(LANES)
+    }
+
+    fn strips_per_output(&self) -> usize {
+        match self.epilogue {
+            Epilogue::SwiGlu => 2,
+            _ => 1,
+        }
+    }
+
+    /// Runs `tile(r0, mr, s, nv, &mut tile)` over every row block and pair of strips, in chunks of strips
+    /// that stay in L2, and stores each tile through the epilogue.
+    #[inline(always)]
+    unsafe fn drive(
+        &self,
+        mr_max: usize,
+        strip_bytes: usize,
+        mut tile: impl FnMut(usize, usize, usize, usize, &mut Tile),
+    ) {
+        let strips = self.strips();
+        let per = self.strips_per_output();
+        // Output strips whose weights fill about CHUNK_BYTES, in pairs.
+        let chunk = (CHUNK_BYTES / (strip_bytes * per).max(1)).max(2) & !1;
+        let blocks = self.rows.div_ceil(mr_max);
+        let mut buffer: Tile = [[0f32; 2 * LANES]; MR];
+        let mut first = strips.start;
+        while first < strips.end {
+            let last = (first + chunk).min(strips.end);
+            for block in 0..blocks {
+                // Row blocks as even as possible (32 rows: 11 + 11 + 10, not 12 + 12 + 8).
+                let r0 = block * self.rows / blocks;
+                let mr = (block + 1) * self.rows / blocks - r0;
+                let mut s = first;
+                while s < last {
+                    let nv = (last - s).min(2);
+                    if per == 2 {
+                        tile(r0, mr, 2 * s, 2, &mut buffer);
+                        self.store_swiglu(r0, mr, s, &buffer);
+                        s += 1;
+                    } else {
+                        tile(r0, mr, s, nv, &mut buffer);
+                        self.store(r0, mr, s, nv, &buffer);
+                        s += nv;
+                    }
+                }
+            }
+            first = last;
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn store(&self, r0: usize, mr: usize, s: usize, nv: usize, tile: &Tile) {
+        let lo = (s * LANES).max(self.cols.start);
+        let hi = ((s + nv) * LANES).min(self.cols.end);
+        let full = lo == s * LANES && hi == (s + nv) * LANES;
+        for (r, t) in tile.iter().enumerate().take(mr) {
+            let out = self
+                .out
+                .add((r0 + r) * self.ldo + self.out_col + lo - self.cols.start);
+            let t = &t[lo - s * LANES..hi - s * LANES];
+            if full && nv == 2 {
+                epilogue_lanes::<{ 2 * LANES }>(self.epilogue, t, out, lo);
+            } else if full {
+                epilogue_lanes::<LANES>(self.epilogue, t, out, lo);
+            } else {
+                for (i, &x) in t.iter().enumerate() {
+                    epilogue_one(self.epilogue, x, out.add(i), lo + i);
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn store_swiglu(&self, r0: usize, mr: usize, s: usize, tile: &Tile) {
+        let lo = (s * LANES).max(self.cols.start);
+        let hi = ((s + 1) * LANES).min(self.cols.end);
+        for (r, t) in tile.iter().enumerate().take(mr) {
+            let out = self
+                .out
+                .add((r0 + r) * self.ldo + self.out_col + lo - self.cols.start);
+            let (value, gate) = t.split_at(LANES);
+            if hi - lo == LANES {
+                let out = &mut *(out as *mut [f32; LANES]);
+                for l in 0..LANES {
+                    out[l] = value[l] * silu(gate[l]);
+                }
+            } else {
+                for j in lo..hi {
+                    let l = j - s * LANES;
+                    *out.add(j - lo) = value[l] * silu(gate[l]);
+                }
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn silu(x: f32) -> f32 {
+    x / (1.0 + exp(-x))
+}
+
+#[inline(always)]
+unsafe fn epilogue_lanes<const W: usize>(epilogue: Epilogue, t: &[f32], out: *mut f32, j: usize) {
+    let t: &[f32; W] = t.try_into().expect("a whole tile row");
+    let out = &mut *(out as *mut [f32; W]);
+    match epilogue {
+        Epilogue::Scale(s) => {
+            for l in 0..W {
+                out[l] = t[l] * s;
+            }
+        }
+        Epilogue::Bias(b) => {
+            let b: &[f32; W] = b[j..j + W].try_into().expect("bias lanes");
+            for l in 0..W {
+                out[l] = t[l] + b[l];
+            }
+        }
+        Epilogue::BiasGelu(b) => {
+            let b: &[f32; W] = b[j..j + W].try_into().expect("bias lanes");
+            for l in 0..W {
+                out[l] = gelu(t[l] + b[l]);
+            }
+        }
+        Epilogue::Accumulate => {
+            for l in 0..W {
+                out[l] += t[l];
+            }
+        }
+        Epilogue::SwiGlu => unreachable!("stored by store_swiglu"),
+    }
+}
+
+#[inline(always)]
+unsafe fn epilogue_one(epilogue: Epilogue, x: f32, out: *mut f32, j: usize) {
+    *out = match epilogue {
+        Epilogue::Scale(s) => x * s,
+        Epilogue::Bias(b) => x + b[j],
+        Epilogue::BiasGelu(b) => gelu(x + b[j]),
+        Epilogue::Accumulate => *out + x,
+        Epilogue::SwiGlu => unreachable!("stored by store_swiglu"),
+    };
+}
+
+/// The f32 micro-kernel: `MR` rows of A (`a`, row stride `lda`) times `NV` strips over `k` inputs. Plain
+/// code over 16-lane arrays: compiled inside a `#[target_feature]` function, LLVM keeps the accumulators
+/// in vector registers and emits one broadcast and `NV` FMAs per row and input.
+#[inline(always)]
+unsafe fn micro_f32<const M: usize, const NV: usize>(
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: Strips,
+    tile: &mut Tile,
+) {
+    let mut acc = [[[0f32; LANES]; NV]; M];
+    for p in 0..k {
+        let mut bv = [[0f32; LANES]; NV];
+        for (v, bv) in bv.iter_mut().enumerate() {
+            *bv = *(b.ptr.add(v * b.strip + p * b.row) as *const [f32; LANES]);
+        }
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let av = *a.add(r * lda + p);
+            for v in 0..NV {
+                for l in 0..LANES {
+                    acc[v][l] = av.mul_add(bv[v][l], acc[v][l]);
+                }
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        for (v, acc) in acc.iter().enumerate() {
+            tile[r][v * LANES..(v + 1) * LANES].copy_from_slice(acc);
+        }
+    }
+}
+
+/// The portable micro-kernel: the same loops with a separate multiply and add, since without an FMA
+/// unit `mul_add` is a slow library call.
+#[inline(always)]
+unsafe fn micro_f32_portable<const M: usize, const NV: usize>(
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: Strips,
+    tile: &mut Tile,
+) {
+    let mut acc = [[[0f32; LANES]; NV]; M];
+    for p in 0..k {
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let av = *a.add(r * lda + p);
+            for (v, acc) in acc.iter_mut().enumerate() {
+                let bv = &*(b.ptr.add(v * b.strip + p * b.row) as *const [f32; LANES]);
+                for l in 0..LANES {
+                    acc[l] += av * bv[l];
+                }
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        for (v, acc) in acc.iter().enumerate() {
+            tile[r][v * LANES..(v + 1) * LANES].copy_from_slice(acc);
+        }
+    }
+}
+
+/// Expands `$call::<M, NV>(...)` for the run-time row count `mr` (1..=12) and strip count `nv` (1 or 2).
+macro_rules! dispatch_tile {
+    ($mr:expr, $nv:expr, $call:ident ( $($arg:expr),* )) => {
+        match ($mr, $nv) {
+            (1, 1) => $call::<1, 1>($($arg),*), (1, _) => $call::<1, 2>($($arg),*),
+            (2, 1) => $call::<2, 1>($($arg),*), (2, _) => $call::<2, 2>($($arg),*),
+            (3, 1) => $call::<3, 1>($($arg),*), (3, _) => $call::<3, 2>($($arg),*),
+            (4, 1) => $call::<4, 1>($($arg),*), (4, _) => $call::<4, 2>($($arg),*),
+            (5, 1) => $call::<5, 1>($($arg),*), (5, _) => $call::<5, 2>($($arg),*),
+            (6, 1) => $call::<6, 1>($($arg),*), (6, _) => $call::<6, 2>($($arg),*),
+            (7, 1) => $call::<7, 1>($($arg),*), (7, _) => $call::<7, 2>($($arg),*),
+            (8, 1) => $call::<8, 1>($($arg),*), (8, _) => $call::<8, 2>($($arg),*),
+            (9, 1) => $call::<9, 1>($($arg),*), (9, _) => $call::<9, 2>($($arg),*),
+            (10, 1) => $call::<10, 1>($($arg),*), (10, _) => $call::<10, 2>($($arg),*),
+            (11, 1) => $call::<11, 1>($($arg),*), (11, _) => $call::<11, 2>($($arg),*),
+            (_, 1) => $call::<12, 1>($($arg),*), (_, _) => $call::<12, 2>($($arg),*),
+        }
+    };
+}
+pub(super) use dispatch_tile;
+
+/// Computes one tile: `mr` rows × `nv` strips over `k` inputs.
+type F32Tile = unsafe fn(usize, *const f32, usize, Strips, usize, usize, &mut Tile);
+
+// The tile functions carry the target features themselves, so that the micro-kernel is compiled for
+// them wherever the driver's closure ends up (a closure is not compiled with its caller's features).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn tile_avx512(
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: Strips,
+    mr: usize,
+    nv: usize,
+    tile: &mut Tile,
+) {
+    dispatch_tile!(mr, nv, micro_f32(k, a, lda, b, tile))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_avx2(
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: Strips,
+    mr: usize,
+    nv: usize,
+    tile: &mut Tile,
+) {
+    dispatch_tile!(mr, nv, micro_f32(k, a, lda, b, tile))
+}
+
+unsafe fn tile_portable(
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: Strips,
+    mr: usize,
+    nv: usize,
+    tile: &mut Tile,
+) {
+    dispatch_tile!(mr, nv, micro_f32_portable(k, a, lda, b, tile))
+}
+
+#[inline(always)]
+unsafe fn f32_body(job: &Job, a: *const f32, lda: usize, b: Strips, tile_fn: F32Tile) {
+    let k = job.inputs.len();
+    let b = Strips {
+        ptr: b.ptr.add(job.inputs.start * b.row),
+        ..b
+    };
+    job.drive(MR, k * LANES * 4, |r0, mr, s, nv, tile| {
+        let b = Strips {
+            ptr: b.ptr.add(s * b.strip),
+            ..b
+        };
+        tile_fn(k, a.add(r0 * lda), lda, b, mr, nv, tile)
+    });
+}
+
+/// An f32 product on the best instruction set of this CPU; `b` may be packed weights or any strided
+/// operand laid out as strips (attention's keys and values). The driver (and its epilogue) is compiled
+/// for the instruction set too.
+unsafe fn f32_product(job: &Job, a: *const f32, lda: usize, b: Strips) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn avx512(job: &Job, a: *const f32, lda: usize, b: Strips) {
+            f32_body(job, a, lda, b, tile_avx512)
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(job: &Job, a: *const f32, lda: usize, b: Strips) {
+            f32_body(job, a, lda, b, tile_avx2)
+        }
+        match isa() {
+            Isa::Avx512 => return avx512(job, a, lda, b),
+            Isa::Avx2 => return avx2(job, a, lda, b),
+            Isa::Portable => {}
+        }
+    }
+    f32_body(job, a, lda, b, tile_portable)
+}
+
+/// An f32 product of raw operands for attention: `out[r, out_col + j] ← epilogue(Σ_i a[r·lda + i] ·
+/// b(i, j))` for `rows` rows, inputs `0..k` and columns `cols` of the strips `b`.
+///
+/// # Safety
+/// `a` must hold `rows` rows of `k` floats at stride `lda`; `b` the strips covering `cols` over `k`
+/// inputs (whole strips: up to the next multiple of 16 columns); `out` the rows × columns written.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn f32_raw(
+    rows: usize,
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: Strips,
+    cols: Range<usize>,
+    out: *mut f32,
+    ldo: usize,
+    epilogue: Epilogue,
+) {
+    let job = Job {
+        rows,
+        inputs: 0..k,
+        cols,
+        out,
+        ldo,
+        out_col: 0,
+        epilogue,
+    };
+    f32_product(&job, a, lda, b);
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    //! The bf16 and int8 micro-kernels, on AVX-512 intrinsics (checked at load by
+    //! [`Precision::check_cpu`](super::Precision::check_cpu)).
+
+    use std::arch::x86_64::*;
+
+    use super::{Job, Tile, LANES, MR, MR_INT8};
+
+    #[inline(always)]
+    unsafe fn micro_bf16<const M: usize, const NV: usize>(
+        pairs: usize,
+        a: *const u32,
+        lda: usize,
+        b: *const u32,
+        strip: usize,
+        tile: &mut Tile,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); NV]; M];
+        for p in 0..pairs {
+            let mut bv = [_mm512_setzero_si512(); NV];
+            for (v, bv) in bv.iter_mut().enumerate() {
+                *bv = _mm512_loadu_si512(b.add(v * strip + p * LANES).cast());
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let av = _mm512_set1_epi32(*a.add(r * lda + p) as i32);
+                for v in 0..NV {
+                    acc[v] = _mm512_dpbf16_ps(
+                        acc[v],
+                        std::mem::transmute::<__m512i, __m512bh>(av),
+                        std::mem::transmute::<__m512i, __m512bh>(bv[v]),
+                    );
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (v, acc) in acc.iter().enumerate() {
+                _mm512_storeu_ps(tile[r][v * LANES..].as_mut_ptr(), *acc);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn bf16_product(
+        job: &Job,
+        a: *const u32,
+        lda: usize,
+        w: *const u32,
+        pairs_total: usize,
+    ) {
+        // Inputs are bf16 pairs: the range starts on an even input (checked in `prepare`).
+        let pairs = job.inputs.len().div_ceil(2);
+        let w = w.add(job.inputs.start / 2 * LANES);
+        let strip = pairs_total * LANES;
+        job.drive(MR, pairs * LANES * 4, |r0, mr, s, nv, tile| {
+            bf16_tile(
+                pairs,
+                a.add(r0 * lda),
+                lda,
+                w.add(s * strip),
+                strip,
+                mr,
+                nv,
+                tile,
+            )
+        });
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn bf16_tile(
+        pairs: usize,
+        a: *const u32,
+        lda: usize,
+        b: *const u32,
+        strip: usize,
+        mr: usize,
+        nv: usize,
+        tile: &mut Tile,
+    ) {
+        super::dispatch_tile!(mr, nv, micro_bf16(pairs, a, lda, b, strip, tile))
+    }
+
+    pub(super) struct Int8A {
+        pub a: *const u32,
+        pub lda: usize,
+        pub scales: *const f32,
+        pub groups: usize,
+    }
+
+    pub(super) struct Int8W {
+        pub q: *const u32,
+        pub scale: *const f32,
+        pub start: *const i32,
+        pub quads: usize,
+        pub groups: usize,
+    }
+
+    /// `M` rows × `NV` strips over `groups` groups of 32 inputs: per group, eight `vpdpbusd` per tile
+    /// element into an i32 accumulator that starts from the weights' offset correction, then one
+    /// conversion and one FMA by the row's group scale into the f32 accumulator; the column scales last.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn micro_int8<const M: usize, const NV: usize>(
+        groups: usize,
+        a: *const u32,
+        lda: usize,
+        scales: *const f32,
+        lds: usize,
+        w: &Int8W,
+        s: usize,
+        g0: usize,
+        tile: &mut Tile,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); NV]; M];
+        for g in 0..groups {
+            let mut start = [_mm512_setzero_si512(); NV];
+            for (v, start) in start.iter_mut().enumerate() {
+                *start =
+                    _mm512_loadu_si512(w.start.add(((s + v) * w.groups + g0 + g) * LANES).cast());
+            }
+            let mut sums = [start; M];
+            for p in 0..super::GROUP / 4 {
+                let quad = (g0 + g) * super::GROUP / 4 + p;
+                let mut bv = [_mm512_setzero_si512(); NV];
+                for (v, bv) in bv.iter_mut().enumerate() {
+                    *bv = _mm512_loadu_si512(w.q.add(((s + v) * w.quads + quad) * LANES).cast());
+                }
+                for (r, sums) in sums.iter_mut().enumerate() {
+                    let av = _mm512_set1_epi32(*a.add(r * lda + g * super::GROUP / 4 + p) as i32);
+                    for v in 0..NV {
+                        sums[v] = _mm512_dpbusd_epi32(sums[v], av, bv[v]);
+                    }
+                }
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let scale = _mm512_set1_ps(*scales.add(r * lds + g));
+                for v in 0..NV {
+                    acc[v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r][v]), scale, acc[v]);
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (v, acc) in acc.iter().enumerate() {
+                let scale = _mm512_loadu_ps(w.scale.add((s + v) * LANES));
+                _mm512_storeu_ps(
+                    tile[r][v * LANES..].as_mut_ptr(),
+                    _mm512_mul_ps(*acc, scale),
+                );
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn int8_product(job: &Job, a: Int8A, w: Int8W) {
+        // The input range starts on a group (checked in `prepare`).
+        let g0 = job.inputs.start / super::GROUP;
+        let groups = a.groups;
+        job.drive(
+            MR_INT8,
+            groups * super::GROUP * LANES,
+            |r0, mr, s, nv, tile| int8_tile(&a, &w, r0, mr, s, nv, g0, tile),
+        );
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn int8_tile(
+        a: &Int8A,
+        w: &Int8W,
+        r0: usize,
+        mr: usize,
+        s: usize,
+        nv: usize,
+        g0: usize,
+        tile: &mut Tile,
+    ) {
+        let (groups, lda) = (a.groups, a.lda);
+        let rows = a.a.add(r0 * lda);
+        let scales = a.scales.add(r0 * groups);
+        macro_rules! call {
+            ($m:literal, $n:literal) => {
+                micro_int8::<$m, $n>(groups, rows, lda, scales, groups, w, s, g0, tile)
+            };
+        }
+        match (mr, nv) {
+            (1, 1) => call!(1, 1),
+            (1, _) => call!(1, 2),
+            (2, 1) => call!(2, 1),
+            (2, _) => call!(2, 2),
+            (3, 1) => call!(3, 1),
+            (3, _) => call!(3, 2),
+            (4, 1) => call!(4, 1),
+            (4, _) => call!(4, 2),
+            (5, 1) => call!(5, 1),
+            (5, _) => call!(5, 2),
+            (_, 1) => call!(6, 1),
+            (_, _) => call!(6, 2),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed;
+        (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0
+            })
+            .collect()
+    }
+
+    /// `x · Wᵀ` in f64.
+    fn reference(x: &[f32], w: &[f32], rows: usize, k: usize, n: usize) -> Vec<f64> {
+        let mut out = vec![0f64; rows * n];
+        for r in 0..rows {
+            for j in 0..n {
+                out[r * n + j] = (0..k)
+                    .map(|i| f64::from(x[r * k + i]) * f64::from(w[j * k + i]))
+                    .sum();
+            }
+        }
+        out
+    }
+
+    fn run(
+        packed: &Packed,
+        x: &[f32],
+        rows: usize,
+        cols: Range<usize>,
+        epilogue: Epilogue,
+    ) -> Vec<f32> {
+        let k = packed.inputs();
+        let mut scratch = Scratch::default();
+        let a = packed.prepare(x, rows, k, 0..k, &mut scratch);
+        let width = cols.len();
+        let mut out = vec![0.5f32; rows * width];
+        packed.product(&a, cols, &mut out, width, 0, epilogue);
+        out
+    }
+
+    #[test]
+    fn f32_products_match_f64_for_every_tile_shape_and_column_range() {
+        for (rows, k, n) in [
+            (1, 7, 5),
+            (13, 33, 40),
+            (25, 64, 96),
+            (12, 16, 16),
+            (30, 100, 70),
+        ] {
+            let w = random(n * k, 1);
+            let x = random(rows * k, 2);
+            let bias = random(n, 3);
+            let expected = reference(&x, &w, rows, k, n);
+            let packed = Packed::new(&w, k, n, Precision::F32);
+            for cols in [0..n, 3..n - 1, 16.min(n)..n] {
+                let width = cols.len();
+                let got = run(&packed, &x, rows, cols.clone(), Epilogue::Bias(&bias));
+                for r in 0..rows {
+                    for (c, j) in cols.clone().enumerate() {
+                        let want = expected[r * n + j] + f64::from(bias[j]);
+                        let d = (f64::from(got[r * width + c]) - want).abs();
+                        assert!(d < 1e-4, "{rows}x{k}x{n} {cols:?} ({r},{j}): {d}");
+                    }
+                }
+                let acc = run(&packed, &x, rows, cols.clone(), Epilogue::Accumulate);
+                let gelu_out = run(&packed, &x, rows, cols.clone(), Epilogue::BiasGelu(&bias));
+                for r in 0..rows {
+                    for (c, j) in cols.clone().enumerate() {
+                        let y = expected[r * n + j];
+                        assert!((f64::from(acc[r * width + c]) - (0.5 + y)).abs() < 1e-4);
+                        let y = y + f64::from(bias[j]);
+                        let g = f64::from(gelu_out[r * width + c]);
+                        assert!((g - f64::from(gelu(y as f32))).abs() < 1e-4);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn swiglu_pairs_value_and_gate_columns() {
+        let (rows, k, inner) = (9, 40, 48);
+        let value = random(inner * k, 4);
+        let gate = random(inner * k, 5);
+        let x = random(rows * k, 6);
+        let v = reference(&x, &value, rows, k, inner);
+        let g = reference(&x, &gate, rows, k, inner);
+        let packed = Packed::swiglu(&value, &gate, k, inner, Precision::F32);
+        let cols = 16..48;
+        let got = run(&packed, &x, rows, cols.clone(), Epilogue::SwiGlu);
+        for r in 0..rows {
+            for (c, j) in cols.clone().enumerate() {
+                let (v, g) = (v[r * inner + j], g[r * inner + j]);
+                let want = v * g / (1.0 + (-g).exp());
+                assert!((f64::from(got[r * 32 + c]) - want).abs() < 1e-4);
+            }
+        }
+    }
+
+    #[test]
+    fn reduced_precisions_stay_close_to_f32() {
+        for precision in [Precision::Bf16, Precision::Int8] {
+            if precision.check_cpu().is_err() {
+                continue;
+            }
+            let (rows, k, n) = (14, 96, 48);
+            let w = random(n * k, 7);
+            let x = random(rows * k, 8);
+            let expected = reference(&x, &w, rows, k, n);
+            let packed = Packed::new(&w, k, n, precision);
+            let got = run(&packed, &x, rows, 0..n, Epilogue::Scale(1.0));
+            let scale = expected.iter().fold(0f64, |m, x| m.max(x.abs()));
+            for (g, e) in got.iter().zip(&expected) {
+                assert!(
+                    (f64::from(*g) - e).abs() < 0.02 * scale,
+                    "{precision}: {g} vs {e}"
+                );
+            }
+            // A split of the inputs (the second half of the groups) gives the matching partial sums.
+            let mut scratch = Scratch::default();
+            let a = packed.prepare(&x[GROUP..], rows, k, GROUP..k, &mut scratch);
+            let mut part = vec![0f32; rows * n];
+            packed.product(&a, 0..n, &mut part, n, 0, Epilogue::Scale(1.0));
+            let tail = reference(
+                &x.chunks(k)
+                    .flat_map(|r| r[GROUP..].to_vec())
+                    .collect::<Vec<_>>(),
+                &w.chunks(k)
+                    .flat_map(|r| r[GROUP..].to_vec())
+                    .collect::<Vec<_>>(),
+                rows,
+                k - GROUP,
+                n,
+            );
+            for (g, e) in part.iter().zip(&tail) {
+                assert!(
+                    (f64::from(*g) - e).abs() < 0.02 * scale,
+                    "{precision} split"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_portable_and_avx2_kernels_agree_with_the_dispatched_one() {
+        let (rows, k, n) = (17, 50, 40);
+        let w = random(n * k, 9);
+        let x = random(rows * k, 10);
+        let packed = Packed::new(&w, k, n, Precision::F32);
+        let Data::F32(data) = &packed.data else {
+            unreachable!()
+        };
+        let b = Strips {
+            ptr: data.as_ptr(),
+            row: LANES,
+            strip: k * LANES,
+        };
+        let run_with = |f: &dyn Fn(&Job)| {
+            let mut out = vec![0f32; rows * n];
+            let job = Job {
+                rows,
+                inputs: 0..k,
+                cols: 0..n,
+                out: out.as_mut_ptr(),
+                ldo: n,
+                out_col: 0,
+                epilogue: Epilogue::Scale(1.0),
+            };
+            f(&job);
+            out
+        };
+        // SAFETY: the job's shapes fit the buffers above.
+        let dispatched = run_with(&|job| unsafe { f32_product(job, x.as_ptr(), k, b) });
+        let portable = run_with(&|job| unsafe { f32_body(job, x.as_ptr(), k, b, tile_portable) });
+        for (a, b) in dispatched.iter().zip(&portable) {
+            assert!((a - b).abs() < 1e-4);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2(job: &Job, a: *const f32, lda: usize, b: Strips) {
+                f32_body(job, a, lda, b, tile_avx2)
+            }
+            // SAFETY: as above, and the CPU has AVX2 and FMA.
+            let avx2 = run_with(&|job| unsafe { avx2(job, x.as_ptr(), k, b) });
+            for (a, b) in dispatched.iter().zip(&avx2) {
+                assert!((a - b).abs() < 1e-4);
+            }
+        }
+    }
+
+    #[test]
+    fn unavailable_precisions_name_the_missing_feature() {
+        assert!(Precision::F32.check_cpu().is_ok());
+        for precision in [Precision::Bf16, Precision::Int8] {
+            if let Err(message) = precision.check_cpu() {
+                assert!(
+                    message.contains("avx512") && message.contains("f32"),
+                    "{message}"
+                );
+            }
+        }
+        assert_eq!(Precision::parse("bf16"), Ok(Precision::Bf16));
+        assert!(Precision::parse("fp8")
+            .unwrap_err()
+            .contains("f32, bf16 and int8"));
+    }
+}
