@@ -113,9 +113,11 @@ pub fn exp(x: f32) -> f32 {
     p * f32::from_bits(exponent << 23)
 }
 
-/// erf(x) in f32, absolute error about 2e-7, branch-free: the Maclaurin series to x¹³ below |x| = 0.5 (where
+/// erf(x) in f32, absolute error under 4e-7, branch-free: the Maclaurin series to x¹³ below |x| = 0.5 (where
 /// the formula below would lose digits to cancellation), Abramowitz & Stegun 7.1.26 (a rational term times
-/// e^-x², error ≤ 1.5e-7) above.
+/// e^-x², error ≤ 1.5e-7) above. Its `1 / (1 + p·|x|)` takes a quadratic first guess and two Newton steps
+/// (six multiply-adds, relative error ~1e-7) instead of a division, which costs a vector unit 10–16
+/// cycles; past |x| = 4, where erf is 1 in f32, the guess stays at |x| = 4.
 #[inline(always)]
 pub fn erf(x: f32) -> f32 {
     const P: f32 = 0.327_591_1;
@@ -137,7 +139,11 @@ pub fn erf(x: f32) -> f32 {
         1.205_533_e-4,
     ];
     let a = x.abs();
-    let t = 1.0 / (1.0 + P * a);
+    let d = 1.0 + P * a.min(4.0);
+    // Minimax quadratic for 1/d on [1, 1 + 4p] (relative error 0.018), then Newton: e → e².
+    let mut t = 1.973_306_3 + d * (-1.240_777_6 + d * 0.249_877_03);
+    t += t * (1.0 - d * t);
+    t += t * (1.0 - d * t);
     let poly = t * (A[0] + t * (A[1] + t * (A[2] + t * (A[3] + t * A[4]))));
     let far = (1.0 - poly * exp(-a * a)).copysign(x);
     let z = x * x;
@@ -310,7 +316,9 @@ mod tests {
             xs.push(x);
             x += 0.000_93;
         }
-        assert!(worst < 3e-7, "worst absolute erf error {worst}");
+        // A&S's own 1.5e-7, plus the rounding of the Newton reciprocal near |x| = 0.5 (3.3e-7 measured):
+        // three f32 ulps of erf there, far below what the model's outputs can show.
+        assert!(worst < 4e-7, "worst absolute erf error {worst}");
         let gelus: Vec<f32> = xs.iter().map(|&x| gelu(x)).collect();
         for (&x, &g) in xs.iter().zip(&gelus) {
             let x = f64::from(x);

@@ -639,19 +639,39 @@ impl Job<'_> {
         let lo = (s * LANES).max(self.cols.start);
         let hi = ((s + nv) * LANES).min(self.cols.end);
         let full = lo == s * LANES && hi == (s + nv) * LANES;
+        // A tile cut by the column range (a share's edge, a sequence shorter than a strip of keys) goes
+        // through the same vector code on zero-padded copies.
+        let mut bias = [0f32; 2 * LANES];
+        let epilogue = match self.epilogue {
+            Epilogue::Bias(b) if !full => {
+                bias[..hi - lo].copy_from_slice(&b[lo..hi]);
+                Epilogue::Bias(&bias)
+            }
+            Epilogue::BiasGelu(b) if !full => {
+                bias[..hi - lo].copy_from_slice(&b[lo..hi]);
+                Epilogue::BiasGelu(&bias)
+            }
+            other => other,
+        };
         for (r, t) in tile.iter().enumerate().take(mr) {
             let out = self
                 .out
                 .add((r0 + r) * self.ldo + self.out_col + lo - self.cols.start);
-            let t = &t[lo - s * LANES..hi - s * LANES];
             if full && nv == 2 {
-                epilogue_lanes::<{ 2 * LANES }>(self.epilogue, t, out, lo);
+                epilogue_lanes::<{ 2 * LANES }>(epilogue, t, out, lo);
             } else if full {
-                epilogue_lanes::<LANES>(self.epilogue, t, out, lo);
+                epilogue_lanes::<LANES>(epilogue, &t[..LANES], out, lo);
             } else {
-                for (i, &x) in t.iter().enumerate() {
-                    epilogue_one(self.epilogue, x, out.add(i), lo + i);
+                let t = &t[lo - s * LANES..hi - s * LANES];
+                let mut values = [0f32; 2 * LANES];
+                values[..t.len()].copy_from_slice(t);
+                let mut stored = [0f32; 2 * LANES];
+                let out = std::slice::from_raw_parts_mut(out, t.len());
+                if let Epilogue::Accumulate = epilogue {
+                    stored[..t.len()].copy_from_slice(out);
                 }
+                epilogue_lanes::<{ 2 * LANES }>(epilogue, &values, stored.as_mut_ptr(), 0);
+                out.copy_from_slice(&stored[..t.len()]);
             }
         }
     }
@@ -714,17 +734,6 @@ unsafe fn epilogue_lanes<const W: usize>(epilogue: Epilogue, t: &[f32], out: *mu
         }
         Epilogue::SwiGlu => unreachable!("stored by store_swiglu"),
     }
-}
-
-#[inline(always)]
-unsafe fn epilogue_one(epilogue: Epilogue, x: f32, out: *mut f32, j: usize) {
-    *out = match epilogue {
-        Epilogue::Scale(s) => x * s,
-        Epilogue::Bias(b) => x + b[j],
-        Epilogue::BiasGelu(b) => gelu(x + b[j]),
-        Epilogue::Accumulate => *out + x,
-        Epilogue::SwiGlu => unreachable!("stored by store_swiglu"),
-    };
 }
 
 /// The f32 micro-kernel: `MR` rows of A (`a`, row stride `lda`) times `NV` strips over `k` inputs. Plain
