@@ -138,6 +138,14 @@ fn route(app: &App, request: &Incoming) -> Result<Outgoing, ApiError> {
         }
     };
     match path {
+        "/" => match &app.ui {
+            Some(page) => {
+                allow("GET", method == "GET")?;
+                Ok(page.answer())
+            }
+            // With --no-ui the page is not there at all: 404 whatever the method.
+            None => Err(ApiError::not_found(path)),
+        },
         "/openapi.json" => {
             allow("GET", method == "GET")?;
             Ok(Outgoing::json(OPENAPI.into()))
@@ -156,6 +164,11 @@ fn route(app: &App, request: &Incoming) -> Result<Outgoing, ApiError> {
                 content_type: "text/plain; version=0.0.4; charset=utf-8",
                 ..Outgoing::json(app.metrics.render())
             })
+        }
+        "/v1/info" => {
+            allow("GET", method == "GET")?;
+            let uptime = app.up_since.elapsed().as_secs();
+            Ok(Outgoing::json(api::info(app.started, uptime)))
         }
         "/v1/models" | "/v1/models/" => {
             allow("GET", method == "GET")?;
