@@ -8,11 +8,13 @@ Exit 0 when every check passed, 1 when one failed, 77 when the browser cannot st
 printed after "SKIPPED: ").
 """
 
+import base64
+import http.server
 import json
 import shutil
 import sys
 import tempfile
-import time
+import threading
 import urllib.request
 from urllib.parse import urlsplit
 
@@ -210,6 +212,155 @@ def check_the_check_sees_violations(browser):
     assert any("Content Security Policy" in m for m in logged), f"the console did not report it: {logged}"
 
 
+# ---- fields and endpoints this server does not have yet ---------------------------------------------------
+
+FUTURE_CARDS = {
+    "embedder": {"id": "embedder", "object": "model", "dims": 8, "max_tokens": 512, "pooling": "mean",
+                 "precision": "bf16", "task": "embed", "normalized": True, "default_prompt_name": "document",
+                 "prompts": {"query": "search_query: ", "document": "search_document: "}},
+    "reranker": {"id": "reranker", "object": "model", "max_tokens": 512, "precision": "f32", "task": "rerank"},
+}
+
+
+def tei_tokens(text):
+    """/tokenize's documented shape for `text`: words split at spaces, the longer ones in two pieces,
+    byte offsets, and [CLS]/[SEP] as special tokens without offsets."""
+    tokens = [{"id": 101, "text": "[CLS]", "special": True, "start": None, "stop": None}]
+    at = 0
+    for word in text.split(" "):
+        data = word.encode()
+        cuts = [0, len(data)] if len(word) < 5 else [0, len(word[:3].encode()), len(data)]
+        for a, b in zip(cuts, cuts[1:]):
+            tokens.append({"id": 1000 + len(tokens), "text": data[a:b].decode(), "special": False,
+                           "start": at + a, "stop": at + b})
+        at += len(data) + 1
+    tokens.append({"id": 102, "text": "[SEP]", "special": True, "start": None, "stop": None})
+    return tokens
+
+
+def stand_in(open_url):
+    """A stand-in server on another port: the real page with its real policy, and the API answering in the
+    shapes other branches are adding (model cards with precision, pooling, task and prompts; /tokenize;
+    /v1/rerank), so that the page's handling of them is checked before the real ones exist."""
+    with urllib.request.urlopen(open_url + "/") as r:
+        page, policy = r.read(), r.headers["Content-Security-Policy"]
+    document = api(open_url, "/openapi.json")
+    document["paths"]["/tokenize"] = {"post": {}}
+    document["paths"]["/v1/rerank"] = {"post": {}}
+    received = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def answer(self, body, content_type="application/json", headers=()):
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+            for name, value in headers:
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            if self.path == "/":
+                return self.answer(page, "text/html; charset=utf-8", [("Content-Security-Policy", policy)])
+            if self.path.startswith("/v1/models/"):
+                return self.answer(FUTURE_CARDS[self.path.rsplit("/", 1)[1]])
+            self.answer({"/openapi.json": document,
+                         "/v1/info": {"name": "embedding-server", "version": "9.9.9", "started": 0,
+                                      "uptime_seconds": 90061},
+                         "/v1/models": {"object": "list", "data": list(FUTURE_CARDS)}}[self.path])
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            received.append((self.path, body))
+            if self.path == "/v1/embeddings":
+                text = body["input"][0]
+                vector = [len(text), text.count("a"), 1.0] + [0.0] * 5
+                self.answer({"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": vector}],
+                             "usage": {"prompt_tokens": len(text.split()) + 2, "total_tokens": 0}})
+            elif self.path == "/tokenize":
+                self.answer([tei_tokens(body["inputs"])])
+            else:
+                scores = [0.1, 0.9, 0.5][: len(body["documents"])]
+                self.answer({"results": [{"index": i, "relevance_score": s} for i, s in enumerate(scores)]})
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, received
+
+
+def capture(browser, path):
+    """The whole page, not just the window, as PNG."""
+    shot = browser.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})
+    with open(path, "wb") as f:
+        f.write(base64.b64decode(shot["data"]))
+
+
+def check_future_shapes(browser, open_url, screenshot):
+    server, received = stand_in(open_url)
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        browser.get(base + "/")
+        wait(browser, "the model cards", lambda: cards(browser) == list(FUTURE_CARDS))
+        assert browser.find_element(By.ID, "version").text == "9.9.9"
+        assert browser.find_element(By.ID, "uptime").text.startswith("1 d 1 h"), browser.find_element(By.ID, "uptime").text
+
+        def fields(model):
+            card = browser.find_element(By.CSS_SELECTOR, f'.card[data-model="{model}"]')
+            names = [dt.text for dt in card.find_elements(By.TAG_NAME, "dt")]
+            return dict(zip(names, [dd.text for dd in card.find_elements(By.TAG_NAME, "dd")]))
+        embedder, reranker = fields("embedder"), fields("reranker")
+        for name, value in [("dims", "8"), ("max tokens", "512"), ("pooling", "mean"), ("precision", "bf16"),
+                            ("task", "embed"), ("normalized", "yes")]:
+            assert embedder.get(name) == value, f"{name}: {embedder}"
+        assert "query" in embedder["prompts"] and "search_document: " in embedder["prompts"], embedder
+        assert set(reranker) == {"max tokens", "precision", "task"}, f"absent fields are omitted: {reranker}"
+
+        # Similarity: embedding models only, with their prompts; the chosen prompt is sent.
+        options = [o.text for o in browser.find_elements(By.CSS_SELECTOR, "#sim-model option")]
+        assert options == ["embedder"], options
+        prompts = [o.get_attribute("value") for o in browser.find_elements(By.CSS_SELECTOR, "#sim-prompt option")]
+        assert prompts == ["", "query", "document"], prompts
+        browser.find_element(By.CSS_SELECTOR, '#sim-prompt option[value="query"]').click()
+        set_texts(browser, ["a banana", "an apple"])
+        compare(browser)
+        sent = [body for path, body in received if path == "/v1/embeddings"]
+        assert [b.get("prompt_name") for b in sent] == ["query", "query"], sent
+        assert browser.find_element(By.ID, "sim-tokens-0").text == "4", "the count from each text's own usage"
+
+        # Tokens laid over the text, special tokens as marks of their own.
+        text = "Tokens over naïve text"
+        area = browser.find_element(By.ID, "tok-text")
+        area.clear()
+        area.send_keys(text)
+        browser.find_element(By.ID, "tok-run").click()
+        wait(browser, "the tokens", lambda: browser.find_elements(By.CSS_SELECTOR, "#tok-out .tokview"))
+        view = browser.find_element(By.CSS_SELECTOR, "#tok-out .tokview")
+        specials = [e.text for e in view.find_elements(By.CSS_SELECTOR, ".special")]
+        pieces = [e.text for e in view.find_elements(By.CSS_SELECTOR, "span:not(.special)")]
+        assert specials == ["[CLS]", "[SEP]"], specials
+        expected = [t["text"] for t in tei_tokens(text) if not t["special"]]
+        assert pieces == expected, f"{pieces} != {expected}"
+
+        # Rerank: only the reranker, results best first.
+        assert [o.text for o in browser.find_elements(By.CSS_SELECTOR, "#rr-model option")] == ["reranker"]
+        browser.find_element(By.ID, "rr-run").click()
+        wait(browser, "the ranking", lambda: browser.find_elements(By.CSS_SELECTOR, "#rr-out li"))
+        ranked = [li.text for li in browser.find_elements(By.CSS_SELECTOR, "#rr-out li")]
+        assert ranked[0].startswith("0.9000") and "Eiffel" in ranked[0], ranked
+        assert ranked[-1].startswith("0.1000"), ranked
+        rerank = [body for path, body in received if path == "/v1/rerank"][0]
+        assert rerank["model"] == "reranker" and len(rerank["documents"]) == 3, rerank
+        check_origin_and_policy(browser, base)
+        capture(browser, screenshot)
+        print(f"  stand-in with the coming shapes: card fields shown or omitted, prompts, tokens, rerank ({screenshot})")
+    finally:
+        server.shutdown()
+
+
 def main():
     open_url, keyed_url, key, screenshot = sys.argv[1:5]
     profile = tempfile.mkdtemp(prefix="embedding-server-chromium-")
@@ -224,13 +375,10 @@ def main():
         set_texts(browser, ["A cat is sleeping on the sofa.", "A kitten naps on the couch.",
                             "The stock market fell sharply today.", "Shares dropped at the opening bell."])
         compare(browser)
-        browser.execute_script("window.scrollTo(0, 0)")
-        height = browser.execute_script("return document.documentElement.scrollHeight")
-        browser.set_window_size(1200, min(max(height + 40, 600), 2400))
-        time.sleep(0.3)
-        assert browser.save_screenshot(screenshot), "the screenshot was not written"
+        capture(browser, screenshot)
         check_origin_and_policy(browser, open_url)
         check_the_check_sees_violations(browser)
+        check_future_shapes(browser, open_url, screenshot.removesuffix(".png") + "-stand-in.png")
 
         print(f"with an API key on {keyed_url}")
         browser.get(keyed_url + "/")
