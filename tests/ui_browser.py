@@ -217,7 +217,8 @@ def check_the_check_sees_violations(browser):
 FUTURE_CARDS = {
     "embedder": {"id": "embedder", "object": "model", "dims": 8, "max_tokens": 512, "pooling": "mean",
                  "precision": "bf16", "task": "embed", "normalized": True, "default_prompt_name": "document",
-                 "prompts": {"query": "search_query: ", "document": "search_document: "}},
+                 "prompts": {"query": "search_query: ", "document": "search_document: "},
+                 "encoding_formats": ["float", "base64", "int8"], "source": "directory", "directory": "/srv/embedder"},
     "reranker": {"id": "reranker", "object": "model", "max_tokens": 512, "precision": "f32", "task": "rerank"},
 }
 
@@ -314,7 +315,8 @@ def check_future_shapes(browser, open_url, screenshot):
             return dict(zip(names, [dd.text for dd in card.find_elements(By.TAG_NAME, "dd")]))
         embedder, reranker = fields("embedder"), fields("reranker")
         for name, value in [("dims", "8"), ("max tokens", "512"), ("pooling", "mean"), ("precision", "bf16"),
-                            ("task", "embed"), ("normalized", "yes")]:
+                            ("task", "embed"), ("normalized", "yes"), ("formats", "float, base64, int8"),
+                            ("source", "/srv/embedder")]:
             assert embedder.get(name) == value, f"{name}: {embedder}"
         assert "query" in embedder["prompts"] and "search_document: " in embedder["prompts"], embedder
         assert set(reranker) == {"max tokens", "precision", "task"}, f"absent fields are omitted: {reranker}"
