@@ -144,6 +144,18 @@ def check_models_and_cosine(browser, base, key=None):
     return models
 
 
+def show_tokens(browser, text):
+    """Asks the Tokens section for `text`'s tokens and waits for them (or an error)."""
+    area = browser.find_element(By.ID, "tok-text")
+    area.clear()
+    area.send_keys(text)
+    browser.execute_script("document.getElementById('tok-out').replaceChildren()")
+    browser.find_element(By.ID, "tok-run").click()
+    wait(browser, "the tokens", lambda: browser.find_elements(By.CSS_SELECTOR, "#tok-out .tokview, #tok-out .error"))
+    errors = browser.find_elements(By.CSS_SELECTOR, "#tok-out .error")
+    assert not errors, errors[0].text
+
+
 def check_sections(browser, base, key=None):
     """Tokens and Rerank appear exactly when the server has them; where they do, they show the server's answer."""
     paths = api(base, "/openapi.json", key=key)["paths"]
@@ -152,11 +164,7 @@ def check_sections(browser, base, key=None):
     assert tokens_shown == ("/tokenize" in paths), f"Tokens shown: {tokens_shown}"
     if tokens_shown:
         text = "Tokenizers split naïve words: ünïcode too."
-        area = browser.find_element(By.ID, "tok-text")
-        area.clear()
-        area.send_keys(text)
-        browser.find_element(By.ID, "tok-run").click()
-        wait(browser, "the tokens", lambda: browser.find_elements(By.CSS_SELECTOR, "#tok-out .tokview, #tok-out .error"))
+        show_tokens(browser, text)
         model = browser.find_element(By.ID, "tok-model").get_attribute("value")
         expected = api(base, "/tokenize", {"model": model, "inputs": text}, key)[0]
         ids = browser.find_element(By.CSS_SELECTOR, "#tok-out .ids").text.split()
@@ -335,11 +343,7 @@ def check_future_shapes(browser, open_url, screenshot):
 
         # Tokens laid over the text, special tokens as marks of their own.
         text = "Tokens over naïve text"
-        area = browser.find_element(By.ID, "tok-text")
-        area.clear()
-        area.send_keys(text)
-        browser.find_element(By.ID, "tok-run").click()
-        wait(browser, "the tokens", lambda: browser.find_elements(By.CSS_SELECTOR, "#tok-out .tokview"))
+        show_tokens(browser, text)
         view = browser.find_element(By.CSS_SELECTOR, "#tok-out .tokview")
         specials = [e.text for e in view.find_elements(By.CSS_SELECTOR, ".special")]
         pieces = [e.text for e in view.find_elements(By.CSS_SELECTOR, "span:not(.special)")]
