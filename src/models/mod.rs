@@ -278,11 +278,12 @@ impl Model {
         pooling::finish(&self.spec, pooled, dims)
     }
 
-    /// Tokenise, encode and finish in one call, at full width.
+    /// Tokenise (with the model's default prompt, if it has one), encode and finish in one call, at full
+    /// width: what sentence-transformers' `encode` gives.
     pub fn embed(&self, inputs: &[Input]) -> Result<Vec<Vec<f32>>, ModelError> {
         let tokens = inputs
             .iter()
-            .map(|input| self.tokenize(input, ""))
+            .map(|input| self.tokenize(input, self.spec.default_prompt()))
             .collect::<Result<Vec<_>, _>>()?;
         let batch: Vec<&[u32]> = tokens.iter().map(|t| t.ids.as_slice()).collect();
         let pooled = self.encode(&batch)?;
