@@ -95,9 +95,9 @@ pub fn load_models(options: &Options) -> Result<Vec<Model>, String> {
         let started = Instant::now();
         let model = Model::load(&spec, &source).map_err(|e| format!("cannot load {name}: {e}"))?;
         eprintln!(
-            "loaded {name} ({}) in {:.0} ms",
+            "loaded {name} from {} in {:.0} ms",
             match &source {
-                Source::Embedded => "embedded".to_string(),
+                Source::Embedded => "this binary".to_string(),
                 Source::Dir(_) => source.model_dir(&spec).display().to_string(),
             },
             started.elapsed().as_secs_f64() * 1000.0
