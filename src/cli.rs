@@ -4,6 +4,9 @@
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::server::{AuthConfig, DoorConfig, Limits, ServeConfig};
 
 /// One flag: its name, the environment variable that stands in for it, its default and its help line.
 pub struct Flag {
@@ -79,7 +82,7 @@ pub const FLAGS: &[Flag] = &[
     flag("body-timeout", "SECONDS", "10", "a request body still arriving after this long gets 408 (slow clients)"),
     flag("idle-timeout", "SECONDS", "15", "close a connection that sends nothing for this long (not while it waits for its answer)"),
     flag("header-timeout", "SECONDS", "10", "close a connection whose request head takes longer than this (slowloris)"),
-    flag("max-connections", "N", "1024", "most open client connections; more get 503 and are closed"),
+    flag("max-connections", "N", "auto", "most open client connections; more get 503 and are closed (auto: the open-file limit, raised to its hard limit at start, less what the server itself uses; printed at start)"),
     flag("shutdown-timeout", "SECONDS", "30", "on SIGTERM/SIGINT, finish accepted requests for at most this long, then exit"),
     repeated("api-key", "KEY", "require Authorization: Bearer KEY on every route but /health (repeatable; env: comma-separated)"),
     repeated("api-key-file", "FILE", "read API keys from FILE, one per line (repeatable)"),
@@ -203,6 +206,48 @@ impl Options {
             format!("--{name} (or {env}) must be a number, not {raw:?}")
         })
     }
+
+    /// A flag that is a number of seconds (fractions allowed).
+    pub fn seconds(&self, name: &str) -> Result<Duration, String> {
+        let value: f64 = self.number(name)?;
+        Duration::try_from_secs_f64(value)
+            .map_err(|_| format!("--{name} must be a non-negative number of seconds, not {value}"))
+    }
+}
+
+/// The typed configuration of `serve`, from the flags.
+pub fn serve_config(options: &Options) -> Result<ServeConfig, String> {
+    let max_connections = match options.text("max-connections") {
+        None | Some("auto") => None,
+        Some(_) => Some(options.number::<usize>("max-connections")?.max(1)),
+    };
+    Ok(ServeConfig {
+        host: options.text("host").unwrap_or("127.0.0.1").to_string(),
+        port: options.number("port")?,
+        threads: options.number::<usize>("threads")?.max(1),
+        limits: Limits {
+            max_body_bytes: options.number("max-body-bytes")?,
+            max_inputs: options.number("max-inputs")?,
+            max_request_tokens: options.number("max-request-tokens")?,
+            truncate: !options.switch("no-truncate"),
+            request_timeout: options.seconds("request-timeout")?,
+            body_timeout: options.seconds("body-timeout")?,
+        },
+        door: DoorConfig {
+            max_connections,
+            idle_timeout: options.seconds("idle-timeout")?,
+            header_timeout: options.seconds("header-timeout")?,
+        },
+        max_batch_tokens: options.number("max-batch-tokens")?,
+        queue_capacity: options.number("queue-capacity")?,
+        shutdown_timeout: options.seconds("shutdown-timeout")?,
+        auth: AuthConfig {
+            keys: options.list("api-key").to_vec(),
+            key_files: options.list("api-key-file").to_vec(),
+            protect_metrics: options.switch("metrics-auth"),
+        },
+        cors_allow_origin: options.text("cors-allow-origin").map(String::from),
+    })
 }
 
 pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {

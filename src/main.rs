@@ -35,9 +35,10 @@ fn main() {
                 std::process::exit(1);
             }
         },
-        Ok(Command::Serve(options)) => {
-            commands::load_models(&options).and_then(|models| server::serve(&options, models))
-        }
+        // The flags are checked before the models load, so that a typo fails at once.
+        Ok(Command::Serve(options)) => cli::serve_config(&options).and_then(|config| {
+            commands::load_models(&options).and_then(|models| server::serve(config, models))
+        }),
         Err(message) => Err(message),
     };
     if let Err(message) = result {
