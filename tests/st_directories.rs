@@ -456,6 +456,18 @@ fn unsupported_directories_are_refused_naming_what_is_unsupported() {
             }),
             "include_prompt",
         ),
+        (
+            "cls-newer",
+            Box::new(|m| std::fs::remove_file(m.join("tokenizer.json")).unwrap()),
+            "lacks tokenizer.json",
+        ),
+        (
+            "cls-newer",
+            Box::new(|m| {
+                std::fs::rename(m.join("model.safetensors"), m.join("pytorch_model.bin")).unwrap()
+            }),
+            "pytorch_model.bin",
+        ),
     ];
     for (fixture, edit, says) in cases {
         let error = Scratch::from_fixture(fixture, edit).error(None);

@@ -33,6 +33,30 @@ pub fn spec(dir: &Path, name: &str, pooling: Option<Pooling>) -> Result<ModelSpe
     }
     let files = Files(dir.join(name));
     let config = ModelConfig::parse(&files.read("config.json")?)?;
+    for (file, instead, how) in [
+        (
+            "tokenizer.json",
+            "vocab.txt",
+            "save it with transformers: AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)",
+        ),
+        (
+            "model.safetensors",
+            "pytorch_model.bin",
+            "convert the weights: AutoModel.from_pretrained(DIR).save_pretrained(DIR)",
+        ),
+    ] {
+        if !files.path(file).is_file() {
+            let found = if files.path(instead).is_file() {
+                format!(" (it has {instead}, which this server does not read; {how})")
+            } else {
+                String::new()
+            };
+            return Err(ModelError::new(format!(
+                "{} lacks {file}{found}",
+                files.0.display()
+            )));
+        }
+    }
     let width = config.width()?;
     let positions = config.positions()?;
 
