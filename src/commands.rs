@@ -58,16 +58,18 @@ pub fn load_models(options: &Options) -> Result<Vec<Model>, String> {
             "this binary embeds no model; serve one with --model-dir DIR --model NAME".into(),
         );
     }
+    // Named models must load; of the ones found by looking through --model-dir, a directory that cannot be
+    // served (another kind of model, or one that needs --pooling) is skipped with a warning saying why.
+    let named = !options.list("model").is_empty();
     let mut models = Vec::new();
     for name in &wanted {
-        let (spec, source) = match &dir {
-            Some(dir) if !name.is_empty() && dir.join(name).is_dir() => (
+        let loaded = match &dir {
+            Some(dir) if !name.is_empty() && dir.join(name).is_dir() => {
                 directory::spec(dir, name, pooling)
-                    .map_err(|e| format!("cannot load {name}: {e}"))?,
-                Source::Dir(dir.clone()),
-            ),
+                    .and_then(|spec| load(&spec, &Source::Dir(dir.clone())))
+            }
             _ => match catalog::find(name).filter(|s| s.embedded) {
-                Some(spec) => (spec.clone(), Source::Embedded),
+                Some(spec) => load(spec, &Source::Embedded),
                 None => {
                     let mut available: Vec<String> =
                         embedded.iter().map(|e| format!("{e} (embedded)")).collect();
@@ -92,19 +94,36 @@ pub fn load_models(options: &Options) -> Result<Vec<Model>, String> {
                 }
             },
         };
-        let started = Instant::now();
-        let model = Model::load(&spec, &source).map_err(|e| format!("cannot load {name}: {e}"))?;
-        eprintln!(
-            "loaded {name} from {} in {:.0} ms",
-            match &source {
-                Source::Embedded => "this binary".to_string(),
-                Source::Dir(_) => source.model_dir(&spec).display().to_string(),
-            },
-            started.elapsed().as_secs_f64() * 1000.0
-        );
-        models.push(model);
+        match loaded {
+            Ok(model) => models.push(model),
+            Err(e) if !named && dir.as_ref().is_some_and(|d| d.join(name).is_dir()) => {
+                eprintln!(
+                    "warning: not serving {name}: {e} (name it with --model to make this an error)"
+                )
+            }
+            Err(e) => return Err(format!("cannot load {name}: {e}")),
+        }
+    }
+    if models.is_empty() {
+        return Err("no model could be loaded; see the warnings above".into());
     }
     Ok(models)
+}
+
+/// Loads one model, logging where from and how long it took.
+fn load(spec: &models::ModelSpec, source: &Source) -> Result<Model, models::ModelError> {
+    let started = Instant::now();
+    let model = Model::load(spec, source)?;
+    eprintln!(
+        "loaded {} from {} in {:.0} ms",
+        spec.name,
+        match source {
+            Source::Embedded => "this binary".to_string(),
+            Source::Dir(_) => source.model_dir(spec).display().to_string(),
+        },
+        started.elapsed().as_secs_f64() * 1000.0
+    );
+    Ok(model)
 }
 
 /// `embedding-server models`

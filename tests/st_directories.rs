@@ -516,3 +516,27 @@ fn the_server_refuses_to_start_on_a_bad_directory_and_says_why() {
         "{stderr}"
     );
 }
+
+#[test]
+fn without_model_directories_that_cannot_be_served_are_skipped_with_the_reason() {
+    let dir = shared_reference();
+    // nomic-tiny is a plain transformers directory: without --pooling it cannot be served.
+    let server = Server::start(&["--model-dir", dir.to_str().unwrap()]);
+    let listed = server.request("GET", "/v1/models", None).json();
+    let names: Vec<&str> = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"bert-tiny-cls") && names.contains(&"all-MiniLM-L6-v2"),
+        "{listed}"
+    );
+    assert!(!names.contains(&"nomic-tiny"), "{listed}");
+    let log = server.stderr.lock().unwrap().clone();
+    assert!(
+        log.contains("not serving nomic-tiny") && log.contains("--pooling"),
+        "{log}"
+    );
+}
