@@ -52,7 +52,10 @@ pub struct App {
 
 impl App {
     fn model_names(&self) -> Vec<&str> {
-        self.queues.iter().map(|q| q.model().spec.name).collect()
+        self.queues
+            .iter()
+            .map(|q| q.model().spec.name.as_str())
+            .collect()
     }
 
     fn queue(&self, name: &str) -> Result<&BatchQueue, ApiError> {

@@ -283,7 +283,7 @@ fn embed_inner(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiE
     } = body;
     let queue = app.queue(model.as_deref().unwrap_or(&app.default_model))?;
     let model = queue.model();
-    let spec = model.spec;
+    let spec = &model.spec;
     let limits = &app.limits;
 
     if inputs.len() > limits.max_inputs {
@@ -312,7 +312,8 @@ fn embed_inner(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiE
         }
     };
     let prefix = match task.as_deref() {
-        None => "",
+        // As sentence-transformers does: the model's default prompt when the request names none.
+        None => spec.default_prompt(),
         Some(_) if spec.prompts.is_empty() => {
             return Err(ApiError::invalid_param(
                 "task",
@@ -320,7 +321,7 @@ fn embed_inner(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiE
             ))
         }
         Some(task) => spec.prompt(task).ok_or_else(|| {
-            let tasks: Vec<&str> = spec.prompts.iter().map(|(t, _)| *t).collect();
+            let tasks: Vec<&str> = spec.prompts.iter().map(|(t, _)| t.as_str()).collect();
             ApiError::invalid_param(
                 "task",
                 format!(
@@ -400,8 +401,8 @@ fn embed_inner(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiE
         "embeddings"
     };
     app.metrics
-        .record_request(spec.name, api_label, count, total, truncated);
-    let body = api::embeddings_response(spec.name, &embeddings, encoding_format, total);
+        .record_request(&spec.name, api_label, count, total, truncated);
+    let body = api::embeddings_response(&spec.name, &embeddings, encoding_format, total);
     Ok(Outgoing {
         inputs: count,
         tokens: total,
