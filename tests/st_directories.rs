@@ -530,3 +530,17 @@ fn without_model_directories_that_cannot_be_served_are_skipped_with_the_reason()
         "{log}"
     );
 }
+
+#[test]
+fn model_dir_may_name_one_model_directory_itself() {
+    let dir = fixtures_dir();
+    let own = dir.join("max-newer");
+    for args in [vec![], vec!["--model", "max-newer"]] {
+        let mut all = vec!["--model-dir", own.to_str().unwrap()];
+        all.extend(args);
+        let server = Server::start(&all);
+        check_http(&server, &dir, "max-newer");
+        let card = server.request("GET", "/v1/models/max-newer", None).json();
+        assert_eq!(card["pooling"], "max", "{card}");
+    }
+}
