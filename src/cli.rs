@@ -89,6 +89,7 @@ pub const FLAGS: &[Flag] = &[
     switch("metrics-auth", "require the API key on /metrics too"),
     switch("no-truncate", "refuse (400) inputs longer than the model's maximum instead of truncating them"),
     flag("cors-allow-origin", "ORIGIN", "", "answer browsers from ORIGIN (e.g. https://app.example, or *): send Access-Control-Allow-Origin and answer OPTIONS preflights; off by default"),
+    switch("no-ui", "do not serve the page at / (it then answers 404); the API is the same either way"),
     flag("format", "FORMAT", "json", "embed: output format, json (JSON lines) or f32 (raw little-endian floats)"),
 ];
 
@@ -247,6 +248,7 @@ pub fn serve_config(options: &Options) -> Result<ServeConfig, String> {
             protect_metrics: options.switch("metrics-auth"),
         },
         cors_allow_origin: options.text("cors-allow-origin").map(String::from),
+        ui: !options.switch("no-ui"),
     })
 }
 

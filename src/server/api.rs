@@ -233,7 +233,7 @@ fn write_floats(out: &mut String, values: &[f32]) {
     out.push_str(std::str::from_utf8(&buffer).unwrap_or("[]"));
 }
 
-fn base64_into(out: &mut String, bytes: &[u8]) {
+pub(super) fn base64_into(out: &mut String, bytes: &[u8]) {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     for chunk in bytes.chunks(3) {
         let b = [
@@ -250,6 +250,17 @@ fn base64_into(out: &mut String, bytes: &[u8]) {
             }
         }
     }
+}
+
+/// `GET /v1/info`: what is running and for how long.
+pub fn info(started: u64, uptime_seconds: u64) -> String {
+    json!({
+        "name": env!("CARGO_PKG_NAME"),
+        "version": env!("CARGO_PKG_VERSION"),
+        "started": started,
+        "uptime_seconds": uptime_seconds,
+    })
+    .to_string()
 }
 
 /// `GET /v1/models`: exactly the original's shape.

@@ -11,6 +11,7 @@ mod metrics;
 pub mod notify;
 mod queue;
 mod routes;
+mod ui;
 
 use std::io::Read;
 use std::sync::{Arc, Mutex};
@@ -35,8 +36,12 @@ pub struct App {
     default_model: String,
     limits: Limits,
     metrics: Arc<Metrics>,
-    /// Unix time the server started, reported as the models' `created`.
+    /// Unix time the server started, reported as the models' `created` and by `/v1/info`.
     started: u64,
+    /// The same moment on the monotonic clock, for `/v1/info`'s uptime.
+    up_since: Instant,
+    /// The page at `/`; `None` with `--no-ui`.
+    ui: Option<ui::Page>,
     auth: Auth,
     lifecycle: Lifecycle,
     /// When a worker last picked up a request: the drain waits for a quiet moment before exiting.
@@ -73,6 +78,7 @@ pub fn serve(config: ServeConfig, models: Vec<Model>) -> Result<(), String> {
         shutdown_timeout,
         auth,
         cors_allow_origin,
+        ui,
     } = config;
     let auth = Auth::new(&auth.keys, &auth.key_files, auth.protect_metrics)?;
 
@@ -101,6 +107,8 @@ pub fn serve(config: ServeConfig, models: Vec<Model>) -> Result<(), String> {
         limits,
         metrics,
         started,
+        up_since: Instant::now(),
+        ui: ui.then(ui::Page::new),
         auth,
         lifecycle: Lifecycle::new(),
         last_request: Mutex::new(Instant::now()),

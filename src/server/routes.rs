@@ -149,10 +149,12 @@ const fn route(path: &'static str, methods: &'static [&'static str], handler: Ha
 /// Every route the server answers. The router reads it, and tests/openapi.rs checks it against
 /// `/openapi.json` both ways, so adding a route is one row here, its handler, and its documentation.
 pub const ROUTES: &[Route] = &[
+    route("/", &["GET"], page),
     route("/openapi.json", &["GET"], openapi),
     route("/health", &["GET"], health),
     route("/metrics", &["GET"], metrics),
     route("/metrics/", &["GET"], metrics),
+    route("/v1/info", &["GET"], info),
     route("/v1/models", &["GET"], models_list),
     route("/v1/models/", &["GET"], models_list),
     route("/v1/models/{id}", &["GET"], model_card),
@@ -198,6 +200,14 @@ fn route_request(app: &App, request: &Incoming) -> Result<Outgoing, ApiError> {
     (route.handler)(app, request, &params)
 }
 
+/// With `--no-ui` the page is not there: 404, as for any path the server does not know.
+fn page(app: &App, _: &Incoming, _: &[&str]) -> Result<Outgoing, ApiError> {
+    match &app.ui {
+        Some(page) => Ok(page.answer()),
+        None => Err(ApiError::not_found("/")),
+    }
+}
+
 fn openapi(_: &App, _: &Incoming, _: &[&str]) -> Result<Outgoing, ApiError> {
     Ok(Outgoing::json(OPENAPI.into()))
 }
@@ -215,6 +225,11 @@ fn metrics(app: &App, _: &Incoming, _: &[&str]) -> Result<Outgoing, ApiError> {
         content_type: "text/plain; version=0.0.4; charset=utf-8",
         ..Outgoing::json(app.metrics.render())
     })
+}
+
+fn info(app: &App, _: &Incoming, _: &[&str]) -> Result<Outgoing, ApiError> {
+    let uptime = app.up_since.elapsed().as_secs();
+    Ok(Outgoing::json(api::info(app.started, uptime)))
 }
 
 fn models_list(app: &App, _: &Incoming, _: &[&str]) -> Result<Outgoing, ApiError> {
