@@ -1,13 +1,15 @@
-//! BERT (all-MiniLM-L6-v2 and the BERT family): absolute position embeddings, token types, post-norm
-//! layers with biases, exact erf-GELU; mean-pooled. The layers run on the shared engine
-//! ([`kernels::layers`]); this file reads the config and the weights and embeds the tokens.
+//! BERT (all-MiniLM-L6-v2, bge, e5, gte, …): absolute position embeddings, token types, post-norm layers
+//! with biases, the GELU config.json names (erf or tanh form), any size, pooled as the model says. The
+//! layers run on the shared engine ([`kernels::layers`]); this file reads the config and the weights and
+//! embeds the tokens.
 
 use serde_json::Value;
 
-use super::kernels::attention::Rotary;
+use super::catalog::Pooling;
+use super::config::{self, ModelConfig};
 use super::kernels::layers::{Layer, Linear, Mlp, Stack};
-use super::kernels::{self, LayerNorm, Precision};
-use super::{check_batch, Encoder, ModelError, Sequence, Weights};
+use super::kernels::{Activation, LayerNorm, Precision};
+use super::{check_batch, pooling, Encoder, ModelError, Sequence, Weights};
 
 /// The hyper-parameters read from the model's config.json.
 struct Config {
@@ -17,18 +19,44 @@ struct Config {
     intermediate: usize,
     max_positions: usize,
     vocab: usize,
-    type_vocab: usize,
+    /// Rows of the token-type table (segments: 0 for a single text, 0 and 1 for a pair).
+    token_types: usize,
     eps: f64,
+    activation: Activation,
 }
 
 impl Config {
-    fn parse(config: &Value) -> Result<Config, ModelError> {
-        let int = |key: &str| super::config_usize(config, key);
-        let act = config["hidden_act"].as_str().unwrap_or("gelu");
-        if act != "gelu" {
-            return Err(ModelError::new(format!(
-                "unsupported BERT hidden_act {act:?} (only the exact \"gelu\")"
-            )));
+    fn parse(model: &ModelConfig) -> Result<Config, ModelError> {
+        let int = |key: &str| model.usize(key);
+        let json = model.json();
+        let activation = match &json["hidden_act"] {
+            Value::Null => Activation::Gelu,
+            Value::String(act) => match act.as_str() {
+                // transformers' "gelu": the exact erf form.
+                "gelu" => Activation::Gelu,
+                // "gelu_new" (written out with tanh) and "gelu_pytorch_tanh" (PyTorch's
+                // approximate="tanh") compute the same tanh approximation.
+                "gelu_new" | "gelu_pytorch_tanh" => Activation::GeluTanh,
+                other => {
+                    return Err(ModelError::new(format!(
+                        "config.json: BERT hidden_act {other:?} is not supported (gelu, gelu_new and \
+                         gelu_pytorch_tanh are)"
+                    )))
+                }
+            },
+            other => {
+                return Err(ModelError::new(format!(
+                    "config.json: hidden_act {other} is not supported (gelu, gelu_new and gelu_pytorch_tanh are)"
+                )))
+            }
+        };
+        match json["position_embedding_type"].as_str() {
+            None | Some("absolute") => {}
+            Some(other) => {
+                return Err(ModelError::new(format!(
+                    "config.json: position_embedding_type {other:?} is not supported (only \"absolute\")"
+                )))
+            }
         }
         let config = Config {
             hidden: int("hidden_size")?,
@@ -37,9 +65,18 @@ impl Config {
             intermediate: int("intermediate_size")?,
             max_positions: int("max_position_embeddings")?,
             vocab: int("vocab_size")?,
-            type_vocab: config["type_vocab_size"].as_u64().unwrap_or(2) as usize,
-            eps: config["layer_norm_eps"].as_f64().unwrap_or(1e-12),
+            token_types: match json["type_vocab_size"] {
+                Value::Null => 2,
+                _ => int("type_vocab_size")?,
+            },
+            eps: config::f64_or(json, "layer_norm_eps", 1e-12)?,
+            activation,
         };
+        if config.token_types == 0 {
+            return Err(ModelError::new(
+                "config.json: type_vocab_size must be at least 1",
+            ));
+        }
         if config.heads == 0 || !config.hidden.is_multiple_of(config.heads) {
             return Err(ModelError::new(
                 "config.json: hidden_size must be a multiple of num_attention_heads",
@@ -101,13 +138,10 @@ fn load_layer(w: &Weights, prefix: &str, c: &Config, p: Precision) -> Result<Lay
             p,
         )?,
         attention_norm: layer_norm(w, &format!("{attention}.output.LayerNorm"), c.hidden, c.eps)?,
-        mlp: Mlp::Gelu(linear(
-            w,
-            &format!("{prefix}.intermediate.dense"),
-            c.hidden,
-            c.intermediate,
-            p,
-        )?),
+        mlp: Mlp::Activation(
+            linear(w, &format!("{prefix}.intermediate.dense"), c.hidden, c.intermediate, p)?,
+            c.activation,
+        ),
         mlp_out: linear(
             w,
             &format!("{prefix}.output.dense"),
@@ -129,10 +163,17 @@ pub struct Bert {
     token_type_embeddings: Vec<f32>,
     embedding_norm: LayerNorm,
     stack: Stack,
+    pooling: Pooling,
 }
 
 impl Bert {
-    pub fn load(config: &Value, weights: &[u8], precision: Precision) -> Result<Bert, ModelError> {
+    /// `weights` may hold f32, f16 or bf16 tensors (widened to f32 here), with or without the `bert.` prefix.
+    pub fn load(
+        config: &ModelConfig,
+        weights: &[u8],
+        pooling: Pooling,
+        precision: Precision,
+    ) -> Result<Bert, ModelError> {
         let c = Config::parse(config)?;
         let w = Weights::new(weights)?;
         // Checkpoints saved from BertModel have no prefix; those saved from a task head prefix "bert.".
@@ -156,10 +197,11 @@ impl Bert {
             )?,
             token_type_embeddings: w.get(
                 &format!("{embeddings}.token_type_embeddings.weight"),
-                &[c.type_vocab, c.hidden],
+                &[c.token_types, c.hidden],
             )?,
             embedding_norm: layer_norm(&w, &format!("{embeddings}.LayerNorm"), c.hidden, c.eps)?,
-            stack: Stack::new(c.hidden, c.heads, c.intermediate, layers, None::<Rotary>),
+            stack: Stack::new(c.hidden, c.heads, c.intermediate, layers, None),
+            pooling,
             config: c,
         })
     }
@@ -195,12 +237,12 @@ impl Encoder for Bert {
 
     fn encode(&self, batch: &[Sequence]) -> Result<Vec<Vec<f32>>, ModelError> {
         let c = &self.config;
-        check_batch(batch, c.max_positions, c.vocab, c.type_vocab)?;
+        check_batch(batch, c.max_positions, c.vocab, c.token_types)?;
         let lengths: Vec<usize> = batch.iter().map(|s| s.ids.len()).collect();
         Ok(self.stack.run(
             &lengths,
             &|i, rows| self.embed(&batch[i], rows),
-            &|states, lengths| kernels::mean_rows(states, c.hidden, lengths),
+            &|states, lengths| pooling::pool(states, c.hidden, lengths, self.pooling),
         ))
     }
 }

@@ -1,8 +1,8 @@
 //! The engine every architecture runs on: dense layers on weights packed once at load for f32, bf16 or
 //! int8 micro-kernels ([`gemm`]), attention on the same kernels ([`attention`]), the post-norm transformer
 //! layers and how a batch is shared by a persistent team of threads ([`layers`], [`pool`]), and here the
-//! row-wise operations (layer norm, softmax, exact erf-GELU, mean pooling), compiled for AVX-512 / AVX2 at
-//! run time with a portable fallback.
+//! row-wise operations (layer norm, softmax, GELU in its erf and tanh forms), compiled for AVX-512 / AVX2
+//! at run time with a portable fallback.
 //!
 //! Everything works on plain row-major `f32` slices: a matrix of `rows × cols` is `rows` consecutive rows.
 
@@ -12,6 +12,26 @@ pub mod layers;
 pub mod pool;
 
 pub use gemm::Precision;
+
+/// The activation of an MLP, as a model's config.json names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `x·Φ(x)` with the exact erf (transformers' "gelu").
+    Gelu,
+    /// `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))` (transformers' "gelu_new" and "gelu_pytorch_tanh").
+    GeluTanh,
+}
+
+impl Activation {
+    /// The activation of `x`; inlined into the dense layers' epilogue.
+    #[inline(always)]
+    pub fn apply(self, x: f32) -> f32 {
+        match self {
+            Activation::Gelu => gelu(x),
+            Activation::GeluTanh => gelu_tanh(x),
+        }
+    }
+}
 
 /// A layer norm's affine parameters.
 pub struct LayerNorm {
@@ -162,6 +182,20 @@ pub fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
+/// tanh(x) in f32 from [`exp`], branch-free: 1 − 2/(e^{2x} + 1), absolute error about 1e-7 (the form
+/// saturates cleanly to ±1 where e^{2x} overflows or vanishes).
+#[inline(always)]
+pub fn tanh(x: f32) -> f32 {
+    1.0 - 2.0 / (exp(2.0 * x) + 1.0)
+}
+
+/// The tanh approximation of GELU, `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`.
+#[inline(always)]
+pub fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + tanh(SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)))
+}
+
 vectorised! {
     /// Softmax of every row (`width` wide) of `xs`, in place.
     pub fn softmax_rows(xs: &mut [f32], width: usize) {
@@ -228,26 +262,6 @@ vectorised! {
             }
         }
     }
-}
-
-/// Mean of each sequence's rows: `rows` holds the sequences' states back to back, `lengths` says how many
-/// rows each has. Sums in f64, as the pooled vector is the one output every client sees.
-pub fn mean_rows(rows: &[f32], width: usize, lengths: &[usize]) -> Vec<Vec<f32>> {
-    let mut start = 0;
-    lengths
-        .iter()
-        .map(|&len| {
-            let mut sum = vec![0f64; width];
-            for row in rows[start * width..(start + len) * width].chunks_exact(width) {
-                for (s, &x) in sum.iter_mut().zip(row) {
-                    *s += f64::from(x);
-                }
-            }
-            start += len;
-            let count = len.max(1) as f64;
-            sum.into_iter().map(|s| (s / count) as f32).collect()
-        })
-        .collect()
 }
 
 /// Splits work items of the given costs into at most `parts` groups of similar total cost (largest first,
@@ -328,6 +342,23 @@ mod tests {
                 "gelu({x})"
             );
         }
+    }
+
+    #[test]
+    fn tanh_gelu_matches_its_formula_in_f64() {
+        for i in 0..24_000 {
+            let x = -12.0 + i as f32 * 0.001;
+            let g = Activation::GeluTanh.apply(x);
+            let x = f64::from(x);
+            let inner = (2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3));
+            let exact = 0.5 * x * (1.0 + inner.tanh());
+            assert!(
+                (f64::from(g) - exact).abs() <= 3e-7 * x.abs().max(1.0),
+                "gelu_tanh({x}): {g} vs {exact}"
+            );
+        }
+        assert_eq!(tanh(100.0), 1.0);
+        assert_eq!(tanh(-100.0), -1.0);
     }
 
     #[test]

@@ -1,16 +1,18 @@
 //! NomicBERT (nomic-embed-text-v1 and v1.5): rotary attention (GPT-NeoX half-split), SwiGLU MLP, post-norm
-//! layers, no position embeddings, no biases on the projections; mean-pooled like BERT. The layers run on
+//! layers, no position embeddings, no biases on the projections; pooled as the model says. The layers run on
 //! the shared engine ([`kernels::layers`]): the fused qkv projection, rotary applied in place to its
 //! queries and keys, the blocked attention, the fused SwiGLU epilogue; this file reads the config and the
 //! weights and embeds the tokens.
 
 use serde_json::Value;
 
+use super::catalog::Pooling;
+use super::config::ModelConfig;
 use super::kernels::attention::Rotary;
 use super::kernels::gemm::Packed;
 use super::kernels::layers::{Layer, Linear, Mlp, Stack};
-use super::kernels::{self, LayerNorm, Precision};
-use super::{check_batch, Encoder, ModelError, Sequence, Weights};
+use super::kernels::{LayerNorm, Precision};
+use super::{check_batch, pooling, Encoder, ModelError, Sequence, Weights};
 
 /// The hyper-parameters read from config.json, with every setting this implementation does not cover
 /// refused at load rather than silently computed differently.
@@ -30,7 +32,7 @@ struct Config {
 
 impl Config {
     fn parse(config: &Value) -> Result<Config, ModelError> {
-        let int = |key: &str| super::config_usize(config, key);
+        let int = |key: &str| super::config::usize_of(config, key);
         let unsupported = |key: &str, found: &Value, supported: &str| {
             ModelError::new(format!(
                 "config.json: NomicBERT with {key} = {found} is not supported (only {supported})"
@@ -145,15 +147,17 @@ pub struct NomicBert {
     token_type_embeddings: Vec<f32>,
     embedding_norm: LayerNorm,
     stack: Stack,
+    pooling: Pooling,
 }
 
 impl NomicBert {
     pub fn load(
-        config: &Value,
+        config: &ModelConfig,
         weights: &[u8],
+        pooling: Pooling,
         precision: Precision,
     ) -> Result<NomicBert, ModelError> {
-        let c = Config::parse(config)?;
+        let c = Config::parse(config.json())?;
         let w = Weights::new(weights)?;
         let layers = (0..c.layers)
             .map(|i| load_layer(&w, &format!("encoder.layers.{i}"), &c, precision))
@@ -167,12 +171,9 @@ impl NomicBert {
             )?,
             embedding_norm: layer_norm(&w, "emb_ln", c.hidden, c.eps)?,
             stack: Stack::new(c.hidden, c.heads, c.inner, layers, Some(rotary)),
+            pooling,
             config: c,
         })
-    }
-
-    pub fn hidden_size(&self) -> usize {
-        self.config.hidden
     }
 
     /// Word and token type embeddings of one sequence, summed and normalised into `rows`.
@@ -210,7 +211,7 @@ impl Encoder for NomicBert {
         Ok(self.stack.run(
             &lengths,
             &|i, rows| self.embed(&batch[i], rows),
-            &|states, lengths| kernels::mean_rows(states, c.hidden, lengths),
+            &|states, lengths| pooling::pool(states, c.hidden, lengths, self.pooling),
         ))
     }
 }

@@ -24,7 +24,7 @@
 
 use std::ops::Range;
 
-use super::{exp, gelu};
+use super::{exp, Activation};
 
 /// Output columns per strip: one AVX-512 register of f32.
 pub const LANES: usize = 16;
@@ -411,7 +411,7 @@ impl Packed {
             rows == 0 || (rows - 1) * ldo + out_col + cols.len() <= out.len(),
             "output outside its buffer"
         );
-        if let Epilogue::Bias(b) | Epilogue::BiasGelu(b) = epilogue {
+        if let Epilogue::Bias(b) | Epilogue::BiasActivation(b, _) = epilogue {
             assert!(b.len() >= cols.end, "bias shorter than the columns");
         }
         if rows == 0 || cols.is_empty() {
@@ -553,8 +553,8 @@ pub enum Epilogue<'a> {
     Scale(f32),
     /// `out = x + bias[j]`
     Bias(&'a [f32]),
-    /// `out = GELU(x + bias[j])`, the exact erf form of BERT.
-    BiasGelu(&'a [f32]),
+    /// `out = act(x + bias[j])`
+    BiasActivation(&'a [f32], Activation),
     /// `out = value · SiLU(gate)` for weights packed by [`Packed::swiglu`].
     SwiGlu,
     /// `out += x`
@@ -647,9 +647,9 @@ impl Job<'_> {
                 bias[..hi - lo].copy_from_slice(&b[lo..hi]);
                 Epilogue::Bias(&bias)
             }
-            Epilogue::BiasGelu(b) if !full => {
+            Epilogue::BiasActivation(b, activation) if !full => {
                 bias[..hi - lo].copy_from_slice(&b[lo..hi]);
-                Epilogue::BiasGelu(&bias)
+                Epilogue::BiasActivation(&bias, activation)
             }
             other => other,
         };
@@ -721,10 +721,20 @@ unsafe fn epilogue_lanes<const W: usize>(epilogue: Epilogue, t: &[f32], out: *mu
                 out[l] = t[l] + b[l];
             }
         }
-        Epilogue::BiasGelu(b) => {
+        Epilogue::BiasActivation(b, activation) => {
             let b: &[f32; W] = b[j..j + W].try_into().expect("bias lanes");
-            for l in 0..W {
-                out[l] = gelu(t[l] + b[l]);
+            // One loop per activation, so that each vectorises.
+            match activation {
+                Activation::Gelu => {
+                    for l in 0..W {
+                        out[l] = Activation::Gelu.apply(t[l] + b[l]);
+                    }
+                }
+                Activation::GeluTanh => {
+                    for l in 0..W {
+                        out[l] = Activation::GeluTanh.apply(t[l] + b[l]);
+                    }
+                }
             }
         }
         Epilogue::Accumulate => {
@@ -1205,14 +1215,20 @@ mod tests {
                     }
                 }
                 let acc = run(&packed, &x, rows, cols.clone(), Epilogue::Accumulate);
-                let gelu_out = run(&packed, &x, rows, cols.clone(), Epilogue::BiasGelu(&bias));
+                let gelu_out = run(
+                    &packed,
+                    &x,
+                    rows,
+                    cols.clone(),
+                    Epilogue::BiasActivation(&bias, Activation::Gelu),
+                );
                 for r in 0..rows {
                     for (c, j) in cols.clone().enumerate() {
                         let y = expected[r * n + j];
                         assert!((f64::from(acc[r * width + c]) - (0.5 + y)).abs() < 1e-4);
                         let y = y + f64::from(bias[j]);
                         let g = f64::from(gelu_out[r * width + c]);
-                        assert!((g - f64::from(gelu(y as f32))).abs() < 1e-4);
+                        assert!((g - f64::from(super::super::gelu(y as f32))).abs() < 1e-4);
                     }
                 }
             }

@@ -23,7 +23,7 @@ use std::sync::Mutex;
 use super::attention::{self, Heads, Rotary};
 use super::gemm::{self, Epilogue, Packed, Precision};
 use super::pool::{self, Team};
-use super::{add_layer_norm_rows, balance, LayerNorm};
+use super::{add_layer_norm_rows, balance, Activation, LayerNorm};
 
 /// A dense layer: a packed weight and an optional bias.
 pub struct Linear {
@@ -59,8 +59,8 @@ impl Linear {
 
 /// The MLP's input projection and activation.
 pub enum Mlp {
-    /// BERT: `GELU(x·W₁ᵀ + b₁)`, exact erf form.
-    Gelu(Linear),
+    /// BERT: `act(x·W₁ᵀ + b₁)`, GELU in the form the config names.
+    Activation(Linear, Activation),
     /// NomicBERT: `fc11(x) · SiLU(fc12(x))`, packed by [`Packed::swiglu`], no bias.
     SwiGlu(Packed),
 }
@@ -68,7 +68,7 @@ pub enum Mlp {
 impl Mlp {
     fn weight(&self) -> &Packed {
         match self {
-            Mlp::Gelu(linear) => &linear.weight,
+            Mlp::Activation(linear, _) => &linear.weight,
             Mlp::SwiGlu(packed) => packed,
         }
     }
@@ -472,9 +472,9 @@ impl Stack {
         let prepared = mlp.prepare(states, tokens, hidden, 0..hidden, &mut s.prepared);
         let inner_width = share.inner.len();
         let epilogue = match &layer.mlp {
-            Mlp::Gelu(linear) => match &linear.bias {
-                Some(bias) => Epilogue::BiasGelu(bias),
-                None => panic!("a GELU MLP without bias"),
+            Mlp::Activation(linear, activation) => match &linear.bias {
+                Some(bias) => Epilogue::BiasActivation(bias, *activation),
+                None => panic!("an activation MLP without bias"),
             },
             Mlp::SwiGlu(_) => Epilogue::SwiGlu,
         };
