@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::cli::Options;
-use crate::models::{self, catalog, directory, Input, Model, Pooling, Source, CATALOG};
+use crate::models::{self, catalog, directory, Input, Model, Pooling, Precision, Source, CATALOG};
 
 /// `--pooling`: how a plain transformers directory pools.
 fn pooling(options: &Options) -> Result<Option<Pooling>, String> {
@@ -24,11 +24,23 @@ fn pooling(options: &Options) -> Result<Option<Pooling>, String> {
         .transpose()
 }
 
+/// `--precision`, checked against this CPU before any model is read.
+fn precision(options: &Options) -> Result<Precision, String> {
+    let name = options.text("precision").unwrap_or("f32");
+    let precision = Precision::parse(name)
+        .map_err(|e| format!("--precision (or EMBEDDING_SERVER_PRECISION): {e}"))?;
+    precision
+        .check_cpu()
+        .map_err(|e| format!("--precision {name}: {e}"))?;
+    Ok(precision)
+}
+
 /// Loads the models `--model` names, or every embedded model and every model of `--model-dir`. A name
 /// with a directory in `--model-dir` is read from there (`models::directory`), any other must be embedded.
 pub fn load_models(options: &Options) -> Result<Vec<Model>, String> {
     let dir = options.text("model-dir").map(PathBuf::from);
     let pooling = pooling(options)?;
+    let precision = precision(options)?;
     let in_dir = match &dir {
         Some(dir) => directory::list(dir).map_err(|e| e.to_string())?,
         None => Vec::new(),
@@ -67,9 +79,9 @@ pub fn load_models(options: &Options) -> Result<Vec<Model>, String> {
         let from_dir = root.is_some();
         let loaded = match root {
             Some(root) => directory::spec(&root, name, pooling)
-                .and_then(|spec| load(&spec, &Source::Dir(root))),
+                .and_then(|spec| load(&spec, &Source::Dir(root), precision)),
             None => match catalog::find(name).filter(|s| s.embedded) {
-                Some(spec) => load(spec, &Source::Embedded),
+                Some(spec) => load(spec, &Source::Embedded, precision),
                 None => {
                     let mut available: Vec<String> =
                         embedded.iter().map(|e| format!("{e} (embedded)")).collect();
@@ -110,12 +122,16 @@ pub fn load_models(options: &Options) -> Result<Vec<Model>, String> {
     Ok(models)
 }
 
-/// Loads one model, logging where from and how long it took.
-fn load(spec: &models::ModelSpec, source: &Source) -> Result<Model, models::ModelError> {
+/// Loads one model, logging where from, in which precision and how long it took.
+fn load(
+    spec: &models::ModelSpec,
+    source: &Source,
+    precision: Precision,
+) -> Result<Model, models::ModelError> {
     let started = Instant::now();
-    let model = Model::load(spec, source)?;
+    let model = Model::load_in(spec, source, precision)?;
     eprintln!(
-        "loaded {} from {} in {:.0} ms",
+        "loaded {} ({precision}) from {} in {:.0} ms",
         spec.name,
         match source {
             Source::Embedded => "this binary".to_string(),

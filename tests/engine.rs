@@ -97,6 +97,32 @@ fn every_reference_case_one_at_a_time_and_in_one_mixed_batch() {
 }
 
 #[test]
+fn batches_from_concurrent_callers_give_the_vectors_of_single_inputs() {
+    // Two callers at once (two models' engine threads): one gets the engine's thread pool, the other runs
+    // its batch alone; both must embed every input, as one at a time does.
+    let model = load();
+    let cases = cases();
+    let batch: Vec<&[u32]> = cases.iter().map(|case| case.ids.as_slice()).collect();
+    let results: Vec<Vec<Vec<f32>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..3)
+            .map(|_| scope.spawn(|| model.encode(&batch).expect("encodes")))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("no panic"))
+            .collect()
+    });
+    for pooled in results {
+        let failures = check(&model, &cases, pooled);
+        assert!(
+            failures.is_empty(),
+            "concurrent batch:\n{}",
+            failures.join("\n")
+        );
+    }
+}
+
+#[test]
 fn out_of_vocabulary_ids_are_refused_not_a_panic() {
     let model = load();
     let error = model

@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use super::catalog::Pooling;
 use super::config::{self, ModelConfig};
+use super::kernels::gemm::Dense;
 use super::kernels::layers::{Layer, Linear, Mlp, Stack};
 use super::kernels::{Activation, LayerNorm, Precision};
 use super::{check_batch, pooling, Encoder, ModelError, Sequence, Weights};
@@ -86,70 +87,55 @@ impl Config {
     }
 }
 
-fn layer_norm(w: &Weights, prefix: &str, size: usize, eps: f64) -> Result<LayerNorm, ModelError> {
-    Ok(LayerNorm {
-        weight: w.get(&format!("{prefix}.weight"), &[size])?,
-        bias: w.get(&format!("{prefix}.bias"), &[size])?,
-        eps: eps as f32,
-    })
-}
-
-/// `(weight [outputs, inputs], bias)` of one PyTorch `Linear`.
-fn dense(
-    w: &Weights,
-    prefix: &str,
-    inputs: usize,
-    outputs: usize,
-) -> Result<(Vec<f32>, Vec<f32>), ModelError> {
-    Ok((
-        w.get(&format!("{prefix}.weight"), &[outputs, inputs])?,
-        w.get(&format!("{prefix}.bias"), &[outputs])?,
-    ))
-}
-
-fn linear(
-    w: &Weights,
-    prefix: &str,
-    inputs: usize,
-    outputs: usize,
-    precision: Precision,
-) -> Result<Linear, ModelError> {
-    let (weight, bias) = dense(w, prefix, inputs, outputs)?;
-    Ok(Linear::new(&weight, Some(bias), inputs, outputs, precision))
-}
-
 fn load_layer(w: &Weights, prefix: &str, c: &Config, p: Precision) -> Result<Layer, ModelError> {
     let attention = format!("{prefix}.attention");
     // Query, key and value fused into one [3·hidden, hidden] weight at load.
     let mut weight = Vec::with_capacity(3 * c.hidden * c.hidden);
     let mut bias = Vec::with_capacity(3 * c.hidden);
     for name in ["query", "key", "value"] {
-        let (w, b) = dense(w, &format!("{attention}.self.{name}"), c.hidden, c.hidden)?;
+        let (w, b) = w.linear(
+            &format!("{attention}.self.{name}"),
+            c.hidden,
+            c.hidden,
+            true,
+        )?;
         weight.extend(w);
-        bias.extend(b);
+        bias.extend(b.unwrap_or_default());
     }
     Ok(Layer {
-        qkv: Linear::new(&weight, Some(bias), c.hidden, 3 * c.hidden, p),
-        attention_out: linear(
-            w,
+        qkv: Linear::new(
+            &weight,
+            Some(bias),
+            c.hidden,
+            3 * c.hidden,
+            p.of(Dense::Qkv),
+        ),
+        attention_out: w.packed_linear(
             &format!("{attention}.output.dense"),
             c.hidden,
             c.hidden,
-            p,
+            true,
+            p.of(Dense::AttentionOut),
         )?,
-        attention_norm: layer_norm(w, &format!("{attention}.output.LayerNorm"), c.hidden, c.eps)?,
+        attention_norm: w.layer_norm(&format!("{attention}.output.LayerNorm"), c.hidden, c.eps)?,
         mlp: Mlp::Activation(
-            linear(w, &format!("{prefix}.intermediate.dense"), c.hidden, c.intermediate, p)?,
+            w.packed_linear(
+                &format!("{prefix}.intermediate.dense"),
+                c.hidden,
+                c.intermediate,
+                true,
+                p.of(Dense::MlpIn),
+            )?,
             c.activation,
         ),
-        mlp_out: linear(
-            w,
+        mlp_out: w.packed_linear(
             &format!("{prefix}.output.dense"),
             c.intermediate,
             c.hidden,
-            p,
+            true,
+            p.of(Dense::MlpOut),
         )?,
-        mlp_norm: layer_norm(w, &format!("{prefix}.output.LayerNorm"), c.hidden, c.eps)?,
+        mlp_norm: w.layer_norm(&format!("{prefix}.output.LayerNorm"), c.hidden, c.eps)?,
     })
 }
 
@@ -199,8 +185,8 @@ impl Bert {
                 &format!("{embeddings}.token_type_embeddings.weight"),
                 &[c.token_types, c.hidden],
             )?,
-            embedding_norm: layer_norm(&w, &format!("{embeddings}.LayerNorm"), c.hidden, c.eps)?,
-            stack: Stack::new(c.hidden, c.heads, c.intermediate, layers, None),
+            embedding_norm: w.layer_norm(&format!("{embeddings}.LayerNorm"), c.hidden, c.eps)?,
+            stack: Stack::new(c.hidden, c.heads, c.intermediate, layers, None, precision),
             pooling,
             config: c,
         })

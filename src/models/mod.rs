@@ -20,8 +20,9 @@ use sha2::{Digest, Sha256};
 
 use catalog::Architecture;
 pub use catalog::{ModelSpec, Pooling, CATALOG};
-pub use kernels::Precision;
 use config::ModelConfig;
+use kernels::LayerNorm;
+pub use kernels::Precision;
 use tokenize::TextTokenizer;
 
 /// What went wrong, and whose fault it was.
@@ -181,13 +182,50 @@ impl<'a> Weights<'a> {
         self.vb.contains_tensor(name)
     }
 
+    /// A layer norm's `weight` and `bias` under `prefix`.
+    fn layer_norm(&self, prefix: &str, size: usize, eps: f64) -> Result<LayerNorm, ModelError> {
+        Ok(LayerNorm {
+            weight: self.get(&format!("{prefix}.weight"), &[size])?,
+            bias: self.get(&format!("{prefix}.bias"), &[size])?,
+            eps: eps as f32,
+        })
+    }
+
+    /// A PyTorch `Linear` under `prefix`: its `weight` [outputs, inputs] and, if it has one, its `bias`.
+    fn linear(
+        &self,
+        prefix: &str,
+        inputs: usize,
+        outputs: usize,
+        bias: bool,
+    ) -> Result<(Vec<f32>, Option<Vec<f32>>), ModelError> {
+        let weight = self.get(&format!("{prefix}.weight"), &[outputs, inputs])?;
+        let bias = match bias {
+            true => Some(self.get(&format!("{prefix}.bias"), &[outputs])?),
+            false => None,
+        };
+        Ok((weight, bias))
+    }
+
+    /// [`Weights::linear`] packed for `precision`.
+    fn packed_linear(
+        &self,
+        prefix: &str,
+        inputs: usize,
+        outputs: usize,
+        bias: bool,
+        precision: Precision,
+    ) -> Result<kernels::layers::Linear, ModelError> {
+        let (weight, bias) = self.linear(prefix, inputs, outputs, bias)?;
+        Ok(kernels::layers::Linear::new(
+            &weight, bias, inputs, outputs, precision,
+        ))
+    }
+
     /// The tensor `name` of `shape`, flattened row-major.
     fn get(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
         let read = || -> candle_core::Result<Vec<f32>> {
-            self.vb
-                .get(shape, name)?
-                .flatten_all()?
-                .to_vec1::<f32>()
+            self.vb.get(shape, name)?.flatten_all()?.to_vec1::<f32>()
         };
         read().map_err(|e| {
             ModelError::new(format!(

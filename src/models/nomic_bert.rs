@@ -9,8 +9,8 @@ use serde_json::Value;
 use super::catalog::Pooling;
 use super::config::ModelConfig;
 use super::kernels::attention::Rotary;
-use super::kernels::gemm::Packed;
-use super::kernels::layers::{Layer, Linear, Mlp, Stack};
+use super::kernels::gemm::{Dense, Packed};
+use super::kernels::layers::{Layer, Mlp, Stack};
 use super::kernels::{LayerNorm, Precision};
 use super::{check_batch, pooling, Encoder, ModelError, Sequence, Weights};
 
@@ -104,38 +104,42 @@ impl Config {
     }
 }
 
-fn layer_norm(w: &Weights, prefix: &str, size: usize, eps: f64) -> Result<LayerNorm, ModelError> {
-    Ok(LayerNorm {
-        weight: w.get(&format!("{prefix}.weight"), &[size])?,
-        bias: w.get(&format!("{prefix}.bias"), &[size])?,
-        eps: eps as f32,
-    })
-}
-
-/// A bias-free `Linear`.
-fn linear(
-    w: &Weights,
-    name: &str,
-    inputs: usize,
-    outputs: usize,
-    precision: Precision,
-) -> Result<Linear, ModelError> {
-    let weight = w.get(&format!("{name}.weight"), &[outputs, inputs])?;
-    Ok(Linear::new(&weight, None, inputs, outputs, precision))
-}
-
 fn load_layer(w: &Weights, prefix: &str, c: &Config, p: Precision) -> Result<Layer, ModelError> {
     let (value, gate) = (
         w.get(&format!("{prefix}.mlp.fc11.weight"), &[c.inner, c.hidden])?,
         w.get(&format!("{prefix}.mlp.fc12.weight"), &[c.inner, c.hidden])?,
     );
     Ok(Layer {
-        qkv: linear(w, &format!("{prefix}.attn.Wqkv"), c.hidden, 3 * c.hidden, p)?,
-        attention_out: linear(w, &format!("{prefix}.attn.out_proj"), c.hidden, c.hidden, p)?,
-        attention_norm: layer_norm(w, &format!("{prefix}.norm1"), c.hidden, c.eps)?,
-        mlp: Mlp::SwiGlu(Packed::swiglu(&value, &gate, c.hidden, c.inner, p)),
-        mlp_out: linear(w, &format!("{prefix}.mlp.fc2"), c.inner, c.hidden, p)?,
-        mlp_norm: layer_norm(w, &format!("{prefix}.norm2"), c.hidden, c.eps)?,
+        qkv: w.packed_linear(
+            &format!("{prefix}.attn.Wqkv"),
+            c.hidden,
+            3 * c.hidden,
+            false,
+            p.of(Dense::Qkv),
+        )?,
+        attention_out: w.packed_linear(
+            &format!("{prefix}.attn.out_proj"),
+            c.hidden,
+            c.hidden,
+            false,
+            p.of(Dense::AttentionOut),
+        )?,
+        attention_norm: w.layer_norm(&format!("{prefix}.norm1"), c.hidden, c.eps)?,
+        mlp: Mlp::SwiGlu(Packed::swiglu(
+            &value,
+            &gate,
+            c.hidden,
+            c.inner,
+            p.of(Dense::MlpIn),
+        )),
+        mlp_out: w.packed_linear(
+            &format!("{prefix}.mlp.fc2"),
+            c.inner,
+            c.hidden,
+            false,
+            p.of(Dense::MlpOut),
+        )?,
+        mlp_norm: w.layer_norm(&format!("{prefix}.norm2"), c.hidden, c.eps)?,
     })
 }
 
@@ -169,8 +173,8 @@ impl NomicBert {
                 "embeddings.token_type_embeddings.weight",
                 &[c.type_vocab, c.hidden],
             )?,
-            embedding_norm: layer_norm(&w, "emb_ln", c.hidden, c.eps)?,
-            stack: Stack::new(c.hidden, c.heads, c.inner, layers, Some(rotary)),
+            embedding_norm: w.layer_norm("emb_ln", c.hidden, c.eps)?,
+            stack: Stack::new(c.hidden, c.heads, c.inner, layers, Some(rotary), precision),
             pooling,
             config: c,
         })

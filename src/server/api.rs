@@ -305,6 +305,7 @@ pub fn model_card(model: &Model, created: u64) -> String {
         "prompts": prompts,
         "default_prompt_name": spec.default_prompt_name,
         "pooling": spec.pooling.name(),
+        "precision": model.precision().name(),
         "architecture": format!("{:?}", spec.architecture),
         "revision": revision,
         "normalized": spec.normalize,

@@ -9,6 +9,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// Every metric family: name, type, help. Samples are written in this order.
 const FAMILIES: &[(&str, &str, &str)] = &[
     (
+        "embedding_model_info",
+        "gauge",
+        "Always 1: each served model, labelled with the precision of its dense layers.",
+    ),
+    (
         "encode_request_processing_seconds",
         "summary",
         "Time spent processing embedding requests.",
@@ -143,6 +148,15 @@ impl Metrics {
     fn set(&self, name: &'static str, labels: &str, value: f64) {
         let mut samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
         samples.insert((name, labels.to_string()), value);
+    }
+
+    /// A served model and the precision it was loaded with (`embedding_model_info`).
+    pub fn record_model(&self, model: &str, precision: &str) {
+        self.set(
+            "embedding_model_info",
+            &labels(&[("model", model), ("precision", precision)]),
+            1.0,
+        );
     }
 
     /// A successful embedding request.

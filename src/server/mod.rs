@@ -90,6 +90,7 @@ pub fn serve(config: ServeConfig, models: Vec<Model>) -> Result<(), String> {
     let queues = models
         .into_iter()
         .map(|model| {
+            metrics.record_model(&model.spec.name, model.precision().name());
             BatchQueue::start(
                 Arc::new(model),
                 max_batch_tokens,

@@ -103,6 +103,8 @@ pub struct Stack {
     pub layers: Vec<Layer>,
     /// Rotary position embedding of queries and keys (NomicBERT); `None` for absolute positions.
     pub rotary: Option<Rotary>,
+    /// The precision the model was loaded in (each layer's is [`Precision::of`] it).
+    precision: Precision,
     scratch: Mutex<Vec<Scratch>>,
 }
 
@@ -173,6 +175,7 @@ impl Stack {
         inner: usize,
         layers: Vec<Layer>,
         rotary: Option<Rotary>,
+        precision: Precision,
     ) -> Stack {
         assert!(
             heads > 0 && hidden.is_multiple_of(heads),
@@ -184,6 +187,7 @@ impl Stack {
             inner,
             layers,
             rotary,
+            precision,
             scratch: Mutex::new(Vec::new()),
         }
     }
@@ -192,11 +196,9 @@ impl Stack {
         self.hidden / self.heads
     }
 
-    /// The precision of the dense layers (the first layer's; all share it).
+    /// The precision the model was loaded in.
     pub fn precision(&self) -> Precision {
-        self.layers
-            .first()
-            .map_or(Precision::F32, |l| l.mlp.weight().precision())
+        self.precision
     }
 
     /// Relative cost of one sequence: the dense layers grow with its length, attention with its square.
@@ -274,15 +276,18 @@ impl Stack {
             let own = pointers[team.index()].0;
             let own = unsafe { &mut *own };
             if grouped {
-                let group = &groups[team.index()];
-                let solo = Team::solo();
-                let work = Work {
-                    lengths,
-                    sequences: group,
-                };
-                let published = &published[team.index()..=team.index()];
-                let pooled = self.forward(&solo, work, own, published, embed, pool);
-                lock(&results).extend(group.iter().copied().zip(pooled));
+                // A team smaller than asked for (the pool busy with another model's batch) takes the
+                // groups in turn: member i runs groups i, i + size, ….
+                for group in groups.iter().skip(team.index()).step_by(team.size()) {
+                    let solo = Team::solo();
+                    let work = Work {
+                        lengths,
+                        sequences: group,
+                    };
+                    let published = &published[team.index()..=team.index()];
+                    let pooled = self.forward(&solo, work, own, published, embed, pool);
+                    lock(&results).extend(group.iter().copied().zip(pooled));
+                }
             } else {
                 let work = Work {
                     lengths,
@@ -295,7 +300,13 @@ impl Stack {
             }
         });
         self.give_back(scratches);
-        results.into_inner().unwrap_or_else(|p| p.into_inner())
+        let results = results.into_inner().unwrap_or_else(|p| p.into_inner());
+        assert_eq!(
+            results.len(),
+            pass.len(),
+            "a sequence of the batch went unrun"
+        );
+        results
     }
 
     fn take_scratch(&self, members: usize) -> Vec<Scratch> {
