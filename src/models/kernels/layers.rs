@@ -25,6 +25,11 @@ use super::gemm::{self, Epilogue, Packed, Precision};
 use super::pool::{self, Team};
 use super::{add_layer_norm_rows, balance, Activation, LayerNorm};
 
+/// Writes the embedded (and normalised) rows of sequence `i` of a batch into `rows`.
+pub type EmbedRows<'a> = dyn Fn(usize, &mut [f32]) + Sync + 'a;
+/// Turns the final states of consecutive sequences (and their lengths) into one vector each.
+pub type PoolStates<'a> = dyn Fn(&[f32], &[usize]) -> Vec<Vec<f32>> + Sync + 'a;
+
 /// A dense layer: a packed weight and an optional bias.
 pub struct Linear {
     pub weight: Packed,
@@ -213,8 +218,8 @@ impl Stack {
     pub fn run(
         &self,
         lengths: &[usize],
-        embed: &(dyn Fn(usize, &mut [f32]) + Sync),
-        pool: &(dyn Fn(&[f32], &[usize]) -> Vec<Vec<f32>> + Sync),
+        embed: &EmbedRows<'_>,
+        pool: &PoolStates<'_>,
     ) -> Vec<Vec<f32>> {
         let mut results = vec![Vec::new(); lengths.len()];
         let mut start = 0;
@@ -241,8 +246,8 @@ impl Stack {
         &self,
         lengths: &[usize],
         pass: &[usize],
-        embed: &(dyn Fn(usize, &mut [f32]) + Sync),
-        pool: &(dyn Fn(&[f32], &[usize]) -> Vec<Vec<f32>> + Sync),
+        embed: &EmbedRows<'_>,
+        pool: &PoolStates<'_>,
     ) -> Vec<(usize, Vec<f32>)> {
         let threads = pool::global().threads();
         let tokens: usize = pass.iter().map(|&i| lengths[i]).sum();
@@ -333,8 +338,8 @@ impl Stack {
         work: Work,
         own: &mut Scratch,
         published: &[[AtomicPtr<f32>; 2]],
-        embed: &(dyn Fn(usize, &mut [f32]) + Sync),
-        pool: &(dyn Fn(&[f32], &[usize]) -> Vec<Vec<f32>> + Sync),
+        embed: &EmbedRows<'_>,
+        pool: &PoolStates<'_>,
     ) -> Vec<Vec<f32>> {
         let (hidden, d) = (self.hidden, self.head_dim());
         let lengths: Vec<usize> = work.sequences.iter().map(|&i| work.lengths[i]).collect();

@@ -349,7 +349,7 @@ mod tests {
             for index in 0..parts {
                 let range = share(total, granule, index, parts);
                 assert_eq!(range.start, next, "{total} {granule} {parts}");
-                assert!(range.start == range.end || range.start % granule == 0);
+                assert!(range.start == range.end || range.start.is_multiple_of(granule));
                 next = range.end;
             }
             assert_eq!(next, total);
