@@ -52,6 +52,8 @@ struct Options {
     http_baseline: Option<Precision>,
     /// Internal: the 8,192-token NomicBERT run, in a child process so that its RSS is its own.
     nomic_long: Option<PathBuf>,
+    /// Only the single-thread product kernels per precision (for tuning them).
+    kernels: bool,
 }
 
 fn options() -> Options {
@@ -63,6 +65,7 @@ fn options() -> Options {
         skip_nomic: false,
         http_baseline: None,
         nomic_long: None,
+        kernels: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -83,6 +86,7 @@ fn options() -> Options {
                 options.http_baseline = Some(Precision::parse(&name).expect("a precision"));
             }
             "--nomic-long" => options.nomic_long = args.next().map(PathBuf::from),
+            "--kernels" => options.kernels = true,
             _ => {}
         }
     }
@@ -119,6 +123,10 @@ fn main() {
     let options = options();
     if let Some(dir) = &options.nomic_long {
         nomic_long_child(dir);
+        return;
+    }
+    if options.kernels {
+        kernels();
         return;
     }
     let cores = pool::global().threads();
@@ -601,6 +609,52 @@ fn probe_gemm(shapes: &Shapes, rows: usize, precision: Precision) -> Timing {
     });
     timing.work = work;
     timing
+}
+
+/// `--kernels`: each precision's product on one thread at MiniLM's MLP shape (rows × 384 → 1536), the
+/// activations' preparation timed apart, by this thread's CPU time (other processes do not count).
+fn kernels() {
+    let (k, n) = (384, 1536);
+    let weight = random(n * k, 1);
+    for rows in [32, 750] {
+        let input = random(rows * k, 2);
+        let mut out = vec![0f32; rows * n];
+        for precision in Precision::ALL {
+            if precision.check_cpu().is_err() {
+                continue;
+            }
+            let packed = Packed::new(&weight, k, n, precision);
+            let mut scratch = gemm::Scratch::default();
+            let flops = 2.0 * (rows * k * n) as f64;
+            let mut best_prepare = f64::MAX;
+            let mut best_product = f64::MAX;
+            for _ in 0..20 {
+                let t = thread_cpu_seconds();
+                let a = packed.prepare(&input, rows, k, 0..k, &mut scratch);
+                let prepared = thread_cpu_seconds();
+                packed.product(&a, 0..n, &mut out, n, 0, Epilogue::Scale(1.0));
+                let done = thread_cpu_seconds();
+                best_prepare = best_prepare.min(prepared - t);
+                best_product = best_product.min(done - prepared);
+            }
+            println!(
+                "{rows:>4} × {k} → {n}, {precision:<4}: product {:>6.1} GFLOPS, preparing the activations {:>5.1} % of it",
+                flops / best_product / 1e9,
+                best_prepare / best_product * 100.0
+            );
+        }
+    }
+}
+
+/// CPU time of the calling thread, in seconds.
+fn thread_cpu_seconds() -> f64 {
+    let mut time = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut time) };
+    time.tv_sec as f64 + time.tv_nsec as f64 * 1e-9
 }
 
 fn random(n: usize, seed: u64) -> Vec<f32> {

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::cli::Options;
+use crate::models::kernels::pool;
 use crate::models::{self, catalog, directory, Input, Model, Pooling, Precision, Source, CATALOG};
 
 /// `--pooling`: how a plain transformers directory pools.
@@ -35,12 +36,24 @@ fn precision(options: &Options) -> Result<Precision, String> {
     Ok(precision)
 }
 
+/// `--engine-threads`: starts the engine's thread pool before any model uses it (the pool itself warns
+/// if the system refuses some of the threads).
+fn engine_threads(options: &Options) -> Result<(), String> {
+    let threads = match options.text("engine-threads") {
+        None | Some("auto") => pool::default_threads(),
+        Some(_) => options.number::<usize>("engine-threads")?.max(1),
+    };
+    pool::start(threads);
+    Ok(())
+}
+
 /// Loads the models `--model` names, or every embedded model and every model of `--model-dir`. A name
 /// with a directory in `--model-dir` is read from there (`models::directory`), any other must be embedded.
 pub fn load_models(options: &Options) -> Result<Vec<Model>, String> {
     let dir = options.text("model-dir").map(PathBuf::from);
     let pooling = pooling(options)?;
     let precision = precision(options)?;
+    engine_threads(options)?;
     let in_dir = match &dir {
         Some(dir) => directory::list(dir).map_err(|e| e.to_string())?,
         None => Vec::new(),

@@ -273,3 +273,21 @@ fn health_exits_1_when_nothing_answers() {
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("cannot connect"), "{stderr}");
 }
+
+#[test]
+fn engine_threads_takes_a_number_or_auto() {
+    let case = first_sentence();
+    let text = case["text"].as_str().unwrap();
+    for threads in ["1", "3", "auto"] {
+        let (ok, stdout, stderr) = run(&["embed", "--engine-threads", threads, text]);
+        assert!(ok, "--engine-threads {threads}: {stderr}");
+        let line: Value = serde_json::from_str(stdout.trim()).unwrap();
+        assert!(cosine(&floats(&line["embedding"]), &floats(&case["embedding"])) >= 0.99999);
+    }
+    let (ok, _, stderr) = run(&["embed", "--engine-threads", "many", text]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("EMBEDDING_SERVER_ENGINE_THREADS"),
+        "{stderr}"
+    );
+}

@@ -263,6 +263,11 @@ impl Packed {
     }
 
     fn from_strips(data: Vec<f32>, k: usize, n: usize, precision: Precision) -> Packed {
+        // The products of bf16 and int8 weights are AVX-512 code: refuse them (a clear panic, not an
+        // illegal instruction later) where the CPU cannot run them. Models check this at load.
+        if let Err(message) = precision.check_cpu() {
+            panic!("{message}");
+        }
         let strips = n.div_ceil(LANES);
         let data = match precision {
             Precision::F32 => Data::F32(data),
@@ -523,33 +528,94 @@ fn grown<T: Default + Clone>(buffer: &mut Vec<T>, len: usize) -> &mut [T] {
     &mut buffer[..len]
 }
 
+/// One token's activations as bf16 pairs (inputs 2p and 2p+1 in one word). Only reached for bf16
+/// weights, which [`Packed::new`] makes only on a CPU with AVX-512.
 fn to_bf16_pairs(src: &[f32], dst: &mut [u32]) {
-    let mut pairs = src.chunks_exact(2);
-    for (d, pair) in dst.iter_mut().zip(&mut pairs) {
-        *d = u32::from(bf16(pair[0])) | u32::from(bf16(pair[1])) << 16;
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn avx512(src: &[f32], dst: &mut [u32]) {
+        portable(src, dst)
     }
-    if let [last] = pairs.remainder() {
-        dst[src.len() / 2] = u32::from(bf16(*last));
+    #[inline(always)]
+    fn portable(src: &[f32], dst: &mut [u32]) {
+        let mut pairs = src.chunks_exact(2);
+        for (d, pair) in dst.iter_mut().zip(&mut pairs) {
+            *d = u32::from(bf16(pair[0])) | u32::from(bf16(pair[1])) << 16;
+        }
+        if let [last] = pairs.remainder() {
+            dst[src.len() / 2] = u32::from(bf16(*last));
+        }
     }
+    #[cfg(target_arch = "x86_64")]
+    if cpu_has("avx512bw") {
+        // SAFETY: the CPU has the features the function was compiled for.
+        return unsafe { avx512(src, dst) };
+    }
+    portable(src, dst)
 }
 
 /// One token's activations as `q + 128` bytes in groups of [`GROUP`], one scale (max |x| / 127) a group;
-/// the tail of the last group is zero (128).
+/// the tail of the last group is zero (128). Rounds to nearest even by the float trick (adding 1.5·2²³),
+/// which vectorises where `f32::round` is a library call.
 fn quantise_row(src: &[f32], words: &mut [u32], scales: &mut [f32]) {
-    let bytes: &mut [u8] = bytemuck_u8(words);
-    for (g, scale) in scales.iter_mut().enumerate() {
-        let group = &src[(g * GROUP).min(src.len())..((g + 1) * GROUP).min(src.len())];
-        let max = group.iter().fold(0f32, |m, x| m.max(x.abs()));
-        *scale = if max > 0.0 { max / 127.0 } else { 1.0 };
-        let inverse = 1.0 / *scale;
-        let out = &mut bytes[g * GROUP..(g + 1) * GROUP];
-        for (o, &x) in out.iter_mut().zip(group) {
-            *o = ((x * inverse).round().clamp(-127.0, 127.0) as i32 + 128) as u8;
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn avx512(src: &[f32], words: &mut [u32], scales: &mut [f32]) {
+        portable(src, words, scales)
+    }
+    #[inline(always)]
+    fn group(src: &[f32; GROUP], out: &mut [u8; GROUP]) -> f32 {
+        const ROUND: f32 = 12_582_912.0;
+        // The max in 16 independent lanes first, as a comparison and a select (`f32::max`'s NaN rule
+        // keeps it scalar), so that it vectorises.
+        let mut lanes = [0f32; LANES];
+        for half in src.chunks_exact(LANES) {
+            for (lane, x) in lanes.iter_mut().zip(half) {
+                let a = x.abs();
+                *lane = if a > *lane { a } else { *lane };
+            }
         }
-        for o in &mut out[group.len()..] {
-            *o = 128;
+        let max = lanes.iter().fold(0f32, |m, &x| if x > m { x } else { m });
+        let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
+        let inverse = 1.0 / scale;
+        for (o, &x) in out.iter_mut().zip(src) {
+            // In [2²³, 2²⁴) a float's ulp is 1, so adding 1.5·2²³ + 128 rounds x/scale to the nearest
+            // integer and leaves q + 128 in the low byte of the bits (a float-to-int cast would not
+            // vectorise: Rust's saturating cast becomes scalar code).
+            let t = (x * inverse).clamp(-127.0, 127.0) + (ROUND + 128.0);
+            *o = t.to_bits() as u8;
+        }
+        scale
+    }
+    #[inline(always)]
+    fn portable(src: &[f32], words: &mut [u32], scales: &mut [f32]) {
+        let bytes: &mut [u8] = bytemuck_u8(words);
+        let mut groups = src.chunks_exact(GROUP);
+        for ((src, out), scale) in (&mut groups)
+            .zip(bytes.chunks_exact_mut(GROUP))
+            .zip(scales.iter_mut())
+        {
+            let src: &[f32; GROUP] = src.try_into().expect("a whole group");
+            let out: &mut [u8; GROUP] = out.try_into().expect("a whole group");
+            *scale = group(src, out);
+        }
+        let tail = groups.remainder();
+        if !tail.is_empty() {
+            let full = src.len() / GROUP;
+            let mut padded = [0f32; GROUP];
+            padded[..tail.len()].copy_from_slice(tail);
+            let out: &mut [u8; GROUP] = (&mut bytes[full * GROUP..(full + 1) * GROUP])
+                .try_into()
+                .expect("a whole group");
+            scales[full] = group(&padded, out);
         }
     }
+    #[cfg(target_arch = "x86_64")]
+    if cpu_has("avx512bw") {
+        // SAFETY: the CPU has the features the function was compiled for.
+        return unsafe { avx512(src, words, scales) };
+    }
+    portable(src, words, scales)
 }
 
 fn bytemuck_u8(words: &mut [u32]) -> &mut [u8] {

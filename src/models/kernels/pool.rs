@@ -315,19 +315,22 @@ fn work(shared: &Shared, index: usize) {
     }
 }
 
-/// The threads the engine may use: what the operating system grants this process (its CPU affinity and
-/// cgroup quota), or `EMBEDDING_SERVER_ENGINE_THREADS` where set.
+/// The threads the engine may use by default: what the operating system grants this process (its CPU
+/// affinity and cgroup quota).
 pub fn default_threads() -> usize {
-    std::env::var("EMBEDDING_SERVER_ENGINE_THREADS")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// The process-wide pool, started on first use with [`default_threads`] members.
+static POOL: OnceLock<Pool> = OnceLock::new();
+
+/// Starts the process-wide pool with up to `threads` members, unless it has started already; returns it.
+pub fn start(threads: usize) -> &'static Pool {
+    POOL.get_or_init(|| Pool::new(threads))
+}
+
+/// The process-wide pool, started with [`default_threads`] members on first use unless [`start`] came
+/// first.
 pub fn global() -> &'static Pool {
-    static POOL: OnceLock<Pool> = OnceLock::new();
     POOL.get_or_init(|| Pool::new(default_threads()))
 }
 
