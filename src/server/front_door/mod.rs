@@ -29,6 +29,7 @@ mod internal;
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
@@ -111,6 +112,12 @@ impl FrontDoor {
         listener
             .set_nonblocking(true)
             .map_err(|e| format!("cannot set up the listener: {e}"))?;
+        // A longer accept queue than std's: a burst of connections waits in it rather than having its
+        // handshakes dropped and retried a second later (the kernel caps it at net.core.somaxconn).
+        // SAFETY: listen() on our own listening socket only changes its backlog.
+        unsafe {
+            libc::listen(listener.as_raw_fd(), 4096);
+        }
         let local_addr = listener
             .local_addr()
             .map_err(|e| format!("cannot read the listening address: {e}"))?;
@@ -148,6 +155,8 @@ impl FrontDoor {
             buffered: 0,
             paused: Vec::new(),
             accept_paused_until: None,
+            accept_warned: None,
+            pause_warned: None,
             ready: Some(ready),
             scratch: vec![0; 64 * 1024],
         };
@@ -326,6 +335,10 @@ struct Door {
     /// Clients whose reading waits for the total to fall below the bound.
     paused: Vec<Key>,
     accept_paused_until: Option<Instant>,
+    /// When the door last said that accepting fails.
+    accept_warned: Option<Instant>,
+    /// When the door last said that the buffer bound holds reading back.
+    pause_warned: Option<Instant>,
     /// Told once every internal connection has answered, or why they do not.
     ready: Option<SyncSender<Result<(), String>>>,
     scratch: Vec<u8>,
@@ -384,10 +397,18 @@ impl Door {
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => {}
                 Err(e) => {
-                    // Out of descriptors or memory: stop accepting for a moment rather than spin.
-                    eprintln!(
-                        "warning: cannot accept a connection ({e}); pausing accepts for 100 ms"
-                    );
+                    // Out of descriptors or memory: stop accepting for a moment rather than spin, and
+                    // say so at most every ten seconds.
+                    let now = Instant::now();
+                    if self
+                        .accept_warned
+                        .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(10))
+                    {
+                        eprintln!(
+                            "warning: cannot accept connections ({e}); retrying every 100 ms"
+                        );
+                        self.accept_warned = Some(now);
+                    }
                     let _ = self.epoll.modify(listener, 0, LISTENER);
                     self.accept_paused_until = Some(Instant::now() + Duration::from_millis(100));
                     return;
@@ -500,9 +521,24 @@ impl Door {
         if over_bound && !c.probe {
             c.paused = true;
             self.paused.push(key);
+            let now = Instant::now();
+            if self
+                .pause_warned
+                .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(10))
+            {
+                self.pause_warned = Some(now);
+                eprintln!(
+                    "warning: the front door holds {} request bytes, its bound \
+                     (--max-buffered-bytes); it reads no more from clients until requests move on",
+                    self.buffered
+                );
+            }
             return;
         }
-        // A few reads per wake-up, so that one fast client cannot hold the loop.
+        // A few reads per wake-up, so that one fast client cannot hold the loop, and none past the bound
+        // (which one read may pass by at most the scratch buffer's size).
+        let room = bound.saturating_sub(self.buffered);
+        let mut taken = 0;
         for _ in 0..4 {
             match c.stream.read(scratch) {
                 Ok(0) => {
@@ -512,7 +548,8 @@ impl Door {
                 Ok(n) => {
                     c.inbound.extend_from_slice(&scratch[..n]);
                     c.last_activity = Instant::now();
-                    if !c.wants_read() {
+                    taken += n;
+                    if !c.wants_read() || (taken >= room && !c.probe) {
                         break;
                     }
                 }
