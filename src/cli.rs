@@ -81,7 +81,7 @@ pub const FLAGS: &[Flag] = &[
     flag("body-timeout", "SECONDS", "10", "a request body still arriving after this long gets 408 (slow clients)"),
     flag("idle-timeout", "SECONDS", "15", "close a connection that sends nothing for this long (not while it waits for its answer)"),
     flag("header-timeout", "SECONDS", "10", "close a connection whose request head takes longer than this (slowloris)"),
-    flag("max-connections", "N", "auto", "most open client connections; more get 503 and are closed (auto: the open-file limit, raised to its hard limit at start, less what the server itself uses; printed at start)"),
+    flag("max-connections", "N", "auto", "most open client connections; more get 503 and are closed (auto: the open-file limit, raised to its hard limit at start, less 64 + 2 x (threads + 1) for the server itself, at most 65536; printed at start)"),
     flag("max-buffered-bytes", "BYTES", "67108864", "most request bytes the front door holds for all clients together; past it, it stops reading from clients until requests move on (at least --max-body-bytes + 64 KiB)"),
     flag("probe-interval", "SECONDS", "5", "the server sends itself GET /health through its own socket this often (at least twice per systemd watchdog interval); WATCHDOG=1 follows each success"),
     flag("unhealthy-exit", "SECONDS", "30", "exit 1 when no self-probe has succeeded for this long, so that a supervisor restarts the server (0: never)"),

@@ -96,9 +96,11 @@ pub fn serve(config: ServeConfig, models: Vec<Model>) -> Result<(), String> {
     // One worker more than asked for: it answers the self-probe, which has an internal connection of its
     // own, so that the probe never waits behind a busy queue.
     let workers = threads + 1;
-    let max_connections = door_config
-        .max_connections
-        .unwrap_or_else(|| files.saturating_sub(reserved_files(threads)).max(1));
+    let max_connections = door_config.max_connections.unwrap_or_else(|| {
+        files
+            .saturating_sub(reserved_files(threads))
+            .clamp(1, MOST_CONNECTIONS_BY_DEFAULT)
+    });
     eprintln!(
         "open files: {files} allowed (soft limit, raised to the hard limit); at most {max_connections} \
          client connections"
@@ -224,10 +226,15 @@ fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> Result<(), String>
         })
 }
 
+/// The default `--max-connections` never exceeds this, however many files the host allows (container
+/// runtimes often allow a million): an idle connection costs a descriptor, about 250 bytes in the front
+/// door and 3–4 KiB of kernel memory, so this many cost at most about 256 MiB.
+const MOST_CONNECTIONS_BY_DEFAULT: usize = 65_536;
+
 /// File descriptors the server needs besides its client connections: both ends of each internal
 /// connection (one per worker, the probe's included), the probe's own connection, and a margin for stdio,
 /// the listener, epoll, the model files at start and the notify socket. The default `--max-connections`
-/// is the open-file limit less this.
+/// is the open-file limit less this (at most [`MOST_CONNECTIONS_BY_DEFAULT`]).
 fn reserved_files(threads: usize) -> usize {
     64 + 2 * (threads + 1)
 }
