@@ -23,6 +23,8 @@ pub struct ServeConfig {
     /// `--cors-allow-origin`: the origin browsers may call from; `None` sends no CORS headers.
     pub cors_allow_origin: Option<String>,
     pub probe: ProbeConfig,
+    /// Whether `/` serves the page (`--no-ui` turns it off).
+    pub ui: bool,
 }
 
 /// The limits every request is held to.

@@ -15,6 +15,7 @@ pub mod notify;
 mod probe;
 mod queue;
 mod routes;
+mod ui;
 
 use std::io::Read;
 use std::sync::{Arc, Mutex};
@@ -40,8 +41,12 @@ pub struct App {
     default_model: String,
     limits: Limits,
     metrics: Arc<Metrics>,
-    /// Unix time the server started, reported as the models' `created`.
+    /// Unix time the server started, reported as the models' `created` and by `/v1/info`.
     started: u64,
+    /// The same moment on the monotonic clock, for `/v1/info`'s uptime.
+    up_since: Instant,
+    /// The page at `/`; `None` with `--no-ui`.
+    ui: Option<ui::Page>,
     auth: Auth,
     lifecycle: Lifecycle,
     /// When a worker last picked up a request: the drain waits for a quiet moment before exiting.
@@ -54,7 +59,10 @@ pub struct App {
 
 impl App {
     fn model_names(&self) -> Vec<&str> {
-        self.queues.iter().map(|q| q.model().spec.name).collect()
+        self.queues
+            .iter()
+            .map(|q| q.model().spec.name.as_str())
+            .collect()
     }
 
     fn queue(&self, name: &str) -> Result<&BatchQueue, ApiError> {
@@ -78,6 +86,7 @@ pub fn serve(config: ServeConfig, models: Vec<Model>) -> Result<(), String> {
         auth,
         cors_allow_origin,
         probe: probe_config,
+        ui,
     } = config;
     let auth = Auth::new(&auth.keys, &auth.key_files, auth.protect_metrics)?;
     let least_buffer = limits.max_body_bytes as usize + front_door::MAX_HEAD_BYTES;
@@ -152,6 +161,8 @@ pub fn serve(config: ServeConfig, models: Vec<Model>) -> Result<(), String> {
         limits,
         metrics,
         started,
+        up_since: Instant::now(),
+        ui: ui.then(ui::Page::new),
         auth,
         lifecycle: Lifecycle::new(),
         last_request: Mutex::new(Instant::now()),

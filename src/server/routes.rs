@@ -151,10 +151,12 @@ const fn route(path: &'static str, methods: &'static [&'static str], handler: Ha
 /// Every route the server answers. The router reads it, and tests/openapi.rs checks it against
 /// `/openapi.json` both ways, so adding a route is one row here, its handler, and its documentation.
 pub const ROUTES: &[Route] = &[
+    route("/", &["GET"], page),
     route("/openapi.json", &["GET"], openapi),
     route("/health", &["GET"], health),
     route("/metrics", &["GET"], metrics),
     route("/metrics/", &["GET"], metrics),
+    route("/v1/info", &["GET"], info),
     route("/v1/models", &["GET"], models_list),
     route("/v1/models/", &["GET"], models_list),
     route("/v1/models/{id}", &["GET"], model_card),
@@ -200,6 +202,14 @@ fn route_request(app: &App, request: &Incoming) -> Result<Outgoing, ApiError> {
     (route.handler)(app, request, &params)
 }
 
+/// With `--no-ui` the page is not there: 404, as for any path the server does not know.
+fn page(app: &App, _: &Incoming, _: &[&str]) -> Result<Outgoing, ApiError> {
+    match &app.ui {
+        Some(page) => Ok(page.answer()),
+        None => Err(ApiError::not_found("/")),
+    }
+}
+
 fn openapi(_: &App, _: &Incoming, _: &[&str]) -> Result<Outgoing, ApiError> {
     Ok(Outgoing::json(OPENAPI.into()))
 }
@@ -225,6 +235,11 @@ fn metrics(app: &App, _: &Incoming, _: &[&str]) -> Result<Outgoing, ApiError> {
         content_type: "text/plain; version=0.0.4; charset=utf-8",
         ..Outgoing::json(app.metrics.render())
     })
+}
+
+fn info(app: &App, _: &Incoming, _: &[&str]) -> Result<Outgoing, ApiError> {
+    let uptime = app.up_since.elapsed().as_secs();
+    Ok(Outgoing::json(api::info(app.started, uptime)))
 }
 
 fn models_list(app: &App, _: &Incoming, _: &[&str]) -> Result<Outgoing, ApiError> {
@@ -278,7 +293,7 @@ fn embed_inner(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiE
     } = body;
     let queue = app.queue(model.as_deref().unwrap_or(&app.default_model))?;
     let model = queue.model();
-    let spec = model.spec;
+    let spec = &model.spec;
     let limits = &app.limits;
 
     if inputs.len() > limits.max_inputs {
@@ -307,7 +322,8 @@ fn embed_inner(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiE
         }
     };
     let prefix = match task.as_deref() {
-        None => "",
+        // As sentence-transformers does: the model's default prompt when the request names none.
+        None => spec.default_prompt(),
         Some(_) if spec.prompts.is_empty() => {
             return Err(ApiError::invalid_param(
                 "task",
@@ -315,7 +331,7 @@ fn embed_inner(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiE
             ))
         }
         Some(task) => spec.prompt(task).ok_or_else(|| {
-            let tasks: Vec<&str> = spec.prompts.iter().map(|(t, _)| *t).collect();
+            let tasks: Vec<&str> = spec.prompts.iter().map(|(t, _)| t.as_str()).collect();
             ApiError::invalid_param(
                 "task",
                 format!(
@@ -395,8 +411,8 @@ fn embed_inner(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiE
         "embeddings"
     };
     app.metrics
-        .record_request(spec.name, api_label, count, total, truncated);
-    let body = api::embeddings_response(spec.name, &embeddings, encoding_format, total);
+        .record_request(&spec.name, api_label, count, total, truncated);
+    let body = api::embeddings_response(&spec.name, &embeddings, encoding_format, total);
     Ok(Outgoing {
         inputs: count,
         tokens: total,
