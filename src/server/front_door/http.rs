@@ -686,6 +686,46 @@ mod tests {
         assert_eq!(input, b"next");
     }
 
+    /// Every way of cutting a stream into pieces frames the same requests as the whole stream.
+    #[test]
+    fn requests_frame_the_same_however_the_bytes_are_cut() {
+        let stream: &[u8] = b"\r\nPOST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabcGET /b HTTP/1.0\nConnection: keep-alive\n\nPOST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n4;x=y\r\n0123\r\n1\r\n4\r\n0\r\nT: 1\r\n\r\nGET /d HTTP/1.1\r\n\r\n";
+        let frame_all = |pieces: &mut dyn Iterator<Item = usize>| {
+            let mut framer = RequestFramer::default();
+            let mut input = Vec::new();
+            let mut out = Vec::new();
+            let mut at = 0;
+            while at < stream.len() {
+                let n = pieces.next().unwrap().clamp(1, stream.len() - at);
+                input.extend_from_slice(&stream[at..at + n]);
+                at += n;
+                loop {
+                    match framer.advance(&mut input, 100, false) {
+                        Progress::Complete(request) => out.push(request.bytes),
+                        Progress::NeedMore => break,
+                        Progress::Refused(r) => panic!("refused {r:?}"),
+                    }
+                }
+            }
+            out
+        };
+        let whole = frame_all(&mut std::iter::repeat(stream.len()));
+        assert_eq!(whole.len(), 4);
+        assert!(String::from_utf8_lossy(&whole[2]).ends_with("Content-Length: 5\r\n\r\n01234"));
+        // A simple linear congruential generator: the same cuts every run.
+        let mut seed = 12345u64;
+        let mut random = std::iter::from_fn(move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            Some((seed >> 33) as usize % 9 + 1)
+        });
+        for _ in 0..200 {
+            assert_eq!(frame_all(&mut random), whole);
+        }
+        assert_eq!(frame_all(&mut std::iter::repeat(1)), whole);
+    }
+
     #[test]
     fn refusals() {
         let refuse = |bytes: &[u8]| {
