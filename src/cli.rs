@@ -69,7 +69,7 @@ const fn switch(name: &'static str, help: &'static str) -> Flag {
 pub const FLAGS: &[Flag] = &[
     flag("host", "ADDR", "127.0.0.1", "address to listen on (0.0.0.0 for every interface)"),
     flag("port", "PORT", "5000", "port to listen on; 0 picks a free one (the address is printed)"),
-    flag("threads", "N", "16", "HTTP worker threads (requests handled at once; they wait on the batching queue)"),
+    flag("threads", "N", "16", "HTTP worker threads (requests handled at once; they wait on the batching queue); one more answers the self-probe"),
     repeated("model", "NAME", "serve this model (repeatable; env: comma-separated): DIR/NAME of --model-dir if there is one, else the embedded NAME; default: every model of --model-dir and every embedded one"),
     flag("model-dir", "DIR", "", "also serve the models in DIR/<model>/: sentence-transformers or transformers directories of BERT-family models, or what export-models writes"),
     flag("pooling", "MODE", "", "how a --model-dir model without modules.json (a plain transformers directory) pools: cls, mean, max or mean_sqrt_len_tokens"),

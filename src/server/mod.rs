@@ -49,7 +49,8 @@ pub struct App {
     ui: Option<ui::Page>,
     auth: Auth,
     lifecycle: Lifecycle,
-    /// When a worker last picked up a request: the drain waits for a quiet moment before exiting.
+    /// When a worker last picked up a client's request (not the probe's): the heap is trimmed once
+    /// traffic pauses.
     last_request: Mutex<Instant>,
     /// `--cors-allow-origin`: the origin browsers may call from; `None` sends no CORS headers.
     cors_allow_origin: Option<String>,
@@ -195,9 +196,14 @@ pub fn serve(config: ServeConfig, models: Vec<Model>) -> Result<(), String> {
     let door = Arc::new(door);
     let (probing_door, probing_app) = (Arc::clone(&door), Arc::clone(&app));
     spawn("self-probe", move || {
-        prober.run(&probing_door, &probing_app.health, &|| {
-            probing_app.lifecycle.draining()
-        })
+        let probing = std::panic::AssertUnwindSafe(|| {
+            prober.run(&probing_door, &probing_app.health, &|| {
+                probing_app.lifecycle.draining()
+            })
+        });
+        if std::panic::catch_unwind(probing).is_err() {
+            lifecycle::fatal("the self-probe's thread panicked (logged above)");
+        }
     })?;
 
     app.lifecycle.wait_for_signal();
@@ -261,7 +267,6 @@ fn work(server: &tiny_http::Server, app: &App) {
         match server.recv() {
             Ok(request) => {
                 let _in_flight = app.lifecycle.track();
-                *lock(&app.last_request) = Instant::now();
                 let answered =
                     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| answer(app, request)));
                 if answered.is_err() {
@@ -319,6 +324,9 @@ fn answer(app: &App, mut request: tiny_http::Request) {
     let authorization = header("Authorization");
     // Only the front door sets this, and only on the self-probe's requests.
     let probe = header(front_door::PROBE_HEADER).is_some();
+    if !probe {
+        *lock(&app.last_request) = started;
+    }
     let limit = app.limits.max_body_bytes;
     let route_path = path.split('?').next().unwrap_or("").to_string();
 
