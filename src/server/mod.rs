@@ -189,7 +189,7 @@ pub fn serve(config: ServeConfig, models: Vec<Model>) -> Result<(), String> {
         Err(_) => return Err("cannot start serving: the front door did not start".into()),
     }
     prober
-        .probe(&door)
+        .probe(&|peer| door.expect_probe_from(peer))
         .map_err(|why| format!("cannot start serving: the first self-probe failed: {why}"))?;
     println!("listening on http://{}", door.local_addr());
     notify::ready();

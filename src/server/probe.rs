@@ -86,9 +86,10 @@ impl Prober {
         }
     }
 
-    /// One probe; `Err` says what failed.
-    pub fn probe(&self, door: &FrontDoor) -> Result<(), String> {
-        let stream = connect_from_known_address(self.target, self.timeout, door)
+    /// One probe; `Err` says what failed. `announce` is told the address the probe connects from
+    /// before it connects (the front door's `expect_probe_from`).
+    pub fn probe(&self, announce: &dyn Fn(SocketAddr)) -> Result<(), String> {
+        let stream = connect_from_known_address(self.target, self.timeout, announce)
             .map_err(|e| format!("cannot connect to {}: {e}", self.target))?;
         stream
             .set_read_timeout(Some(self.timeout))
@@ -121,7 +122,7 @@ impl Prober {
             if draining() {
                 return;
             }
-            match self.probe(door) {
+            match self.probe(&|peer| door.expect_probe_from(peer)) {
                 Ok(()) => {
                     health.succeeded();
                     if self.watchdog {
@@ -153,11 +154,11 @@ impl Prober {
     }
 }
 
-/// A connection to `target` from an address the front door has been told of before it accepts.
+/// A connection to `target` from an address `announce` is told of before the connection is made.
 fn connect_from_known_address(
     target: SocketAddr,
     timeout: Duration,
-    door: &FrontDoor,
+    announce: &dyn Fn(SocketAddr),
 ) -> std::io::Result<TcpStream> {
     let family = if target.is_ipv4() {
         libc::AF_INET
@@ -183,7 +184,7 @@ fn connect_from_known_address(
     {
         return Err(std::io::Error::last_os_error());
     }
-    door.expect_probe_from(stream.local_addr()?);
+    announce(stream.local_addr()?);
     // SO_SNDTIMEO bounds a blocking connect too.
     stream.set_write_timeout(Some(timeout))?;
     let (address, length) = socket_address(target);
@@ -229,4 +230,73 @@ fn socket_address(address: SocketAddr) -> (libc::sockaddr_storage, libc::socklen
         }
     };
     (storage, length as libc::socklen_t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A stand-in server that answers each connection with `answer` (or nothing, when `None`).
+    fn stand_in(answer: Option<&'static [u8]>) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for mut stream in listener.incoming().flatten() {
+                let mut request = [0u8; 1024];
+                let _ = stream.read(&mut request);
+                if let Some(answer) = answer {
+                    let _ = stream.write_all(answer);
+                } else {
+                    held.push(stream);
+                }
+            }
+        });
+        address
+    }
+
+    #[test]
+    fn only_a_200_counts_and_the_probe_announces_where_it_comes_from() {
+        let announced = AtomicUsize::new(0);
+        let announce = |peer: SocketAddr| {
+            assert!(peer.ip().is_loopback() && peer.port() != 0);
+            announced.fetch_add(1, Ordering::SeqCst);
+        };
+        let ok = stand_in(Some(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"));
+        let fast = |target| Prober::new(target, Duration::from_millis(200), Duration::ZERO);
+        assert_eq!(fast(ok).probe(&announce), Ok(()));
+        let unavailable = stand_in(Some(b"HTTP/1.1 503 Service Unavailable\r\n\r\n"));
+        assert_eq!(
+            fast(unavailable).probe(&announce),
+            Err("answered 503".into())
+        );
+        let silent = stand_in(None);
+        let started = Instant::now();
+        assert!(fast(silent).probe(&announce).is_err());
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "bounded by the timeout"
+        );
+        assert_eq!(announced.load(Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn a_wildcard_address_is_probed_through_loopback() {
+        let prober = Prober::new(
+            "0.0.0.0:5000".parse().unwrap(),
+            Duration::from_secs(5),
+            Duration::from_secs(30),
+        );
+        assert_eq!(prober.target, "127.0.0.1:5000".parse().unwrap());
+        let v6 = Prober::new(
+            "[::]:5000".parse().unwrap(),
+            Duration::from_secs(5),
+            Duration::ZERO,
+        );
+        assert_eq!(v6.target, "[::1]:5000".parse().unwrap());
+        // Fresh for two intervals and one timeout.
+        assert_eq!(prober.health().fresh_for, Duration::from_secs(15));
+    }
 }
