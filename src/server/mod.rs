@@ -10,6 +10,7 @@ mod metrics;
 pub mod notify;
 mod queue;
 mod routes;
+mod tokens;
 
 use std::io::Read;
 use std::sync::{Arc, Mutex};
