@@ -88,18 +88,23 @@ pub fn json_object(body: &[u8], example: &str) -> Result<Map<String, Value>, Api
     }
 }
 
-/// The prefix of a task prompt (`"search_query: "`), "" for none; a 400 naming the known tasks otherwise.
-pub fn prompt_prefix(spec: &ModelSpec, task: Option<&str>) -> Result<&'static str, ApiError> {
+/// The prefix of a task prompt (`"search_query: "`), "" for none; a 400 about `param` (the field the
+/// client named it in) naming the known tasks otherwise.
+pub fn prompt_prefix(
+    spec: &ModelSpec,
+    task: Option<&str>,
+    param: &str,
+) -> Result<&'static str, ApiError> {
     match task {
         None => Ok(""),
         Some(_) if spec.prompts.is_empty() => Err(ApiError::invalid_param(
-            "task",
+            param,
             format!("{} takes no task prompts.", spec.name),
         )),
         Some(task) => spec.prompt(task).ok_or_else(|| {
             let tasks: Vec<&str> = spec.prompts.iter().map(|(t, _)| *t).collect();
             ApiError::invalid_param(
-                "task",
+                param,
                 format!(
                     "Unknown task `{}`; {} knows: {}.",
                     excerpt(task),

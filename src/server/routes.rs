@@ -257,7 +257,7 @@ fn embed_inner(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiE
             ));
         }
     };
-    let prefix = api::prompt_prefix(spec, task.as_deref())?;
+    let prefix = api::prompt_prefix(spec, task.as_deref(), "task")?;
     let truncate = truncate.unwrap_or(limits.truncate);
     // Compact formats are checked (and int8/uint8 calibrated) before the engine spends anything.
     let ranges = match encoding_format {

@@ -17,12 +17,13 @@ pub fn tokenize(app: &App, request: &Incoming) -> Result<Outgoing, ApiError> {
     let fields = api::json_object(request.body, "{\"inputs\": \"text\"}")?;
     let inputs = texts(fields.get("inputs"))?;
     let add_special_tokens = api::optional_bool(&fields, "add_special_tokens")?.unwrap_or(true);
-    let task = match api::optional_string(&fields, "prompt_name")? {
-        Some(task) => Some(task),
-        None => api::optional_string(&fields, "task")?,
+    // text-embeddings-inference calls it `prompt_name`; `task` as on /v1/embeddings.
+    let (task, param) = match api::optional_string(&fields, "prompt_name")? {
+        Some(task) => (Some(task), "prompt_name"),
+        None => (api::optional_string(&fields, "task")?, "task"),
     };
     let model = model(app, &fields)?;
-    let prefix = api::prompt_prefix(model.spec, task.as_deref())?;
+    let prefix = api::prompt_prefix(model.spec, task.as_deref(), param)?;
     let limits = &app.limits;
     within_inputs(inputs.len(), limits.max_inputs, "inputs")?;
 
