@@ -206,7 +206,8 @@ mod tests {
         let text = "é ab";
         let spans = tokenizer.spans(text, true).unwrap();
         let ids: Vec<u32> = spans.iter().map(|s| s.id).collect();
-        assert_eq!(ids, [1, 9, 3, 8, 2]);
+        // Lowercasing strips the accent, so "é" is the token "e", whose offsets still cover the two bytes of "é".
+        assert_eq!(ids, [1, 7, 3, 8, 2]);
         assert!(spans[0].special && spans[4].special && !spans[1].special);
         assert_eq!(&text[spans[1].offsets.0..spans[1].offsets.1], "é");
         assert_eq!(spans[2].offsets, (3, 4));

@@ -25,10 +25,6 @@ pub enum EncodingFormat {
     Compact(Precision),
 }
 
-/// Every `encoding_format` name, for the error that lists them.
-const ENCODING_FORMATS: &str =
-    "\"float\", \"base64\", \"int8\", \"uint8\", \"binary\" or \"ubinary\"";
-
 /// A parsed embedding request.
 #[derive(Debug)]
 pub struct EmbedRequest {
@@ -132,7 +128,7 @@ pub fn parse_embed_request(body: &[u8]) -> Result<EmbedRequest, ApiError> {
                     return Err(ApiError::invalid_param(
                         "encoding_format",
                         format!(
-                            "encoding_format must be {ENCODING_FORMATS}, not `{}`.",
+                            "Unknown encoding_format `{}`; use float, base64, int8, uint8, binary or ubinary.",
                             excerpt(other)
                         ),
                     ))
