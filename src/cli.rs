@@ -4,6 +4,9 @@
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::server::{AuthConfig, DoorConfig, Limits, ServeConfig};
 
 /// One flag: its name, the environment variable that stands in for it, its default and its help line.
 pub struct Flag {
@@ -67,8 +70,9 @@ pub const FLAGS: &[Flag] = &[
     flag("host", "ADDR", "127.0.0.1", "address to listen on (0.0.0.0 for every interface)"),
     flag("port", "PORT", "5000", "port to listen on; 0 picks a free one (the address is printed)"),
     flag("threads", "N", "16", "HTTP worker threads (requests handled at once; they wait on the batching queue)"),
-    repeated("model", "NAME", "load this model (repeatable; env: comma-separated); default: every model the source has"),
-    flag("model-dir", "DIR", "", "load models from DIR/<model>/ (the layout export-models writes), not the embedded copy"),
+    repeated("model", "NAME", "serve this model (repeatable; env: comma-separated): DIR/NAME of --model-dir if there is one, else the embedded NAME; default: every model of --model-dir and every embedded one"),
+    flag("model-dir", "DIR", "", "also serve the models in DIR/<model>/: sentence-transformers or transformers directories of BERT-family models, or what export-models writes"),
+    flag("pooling", "MODE", "", "how a --model-dir model without modules.json (a plain transformers directory) pools: cls, mean, max or mean_sqrt_len_tokens"),
     flag("max-body-bytes", "BYTES", "2097152", "largest request body; larger gets 413"),
     flag("max-inputs", "N", "2048", "most inputs in one request; more gets 400"),
     flag("max-request-tokens", "N", "300000", "most tokens in one request, summed after truncation; more gets 400"),
@@ -78,13 +82,14 @@ pub const FLAGS: &[Flag] = &[
     flag("body-timeout", "SECONDS", "10", "a request body still arriving after this long gets 408 (slow clients)"),
     flag("idle-timeout", "SECONDS", "15", "close a connection that sends nothing for this long (not while it waits for its answer)"),
     flag("header-timeout", "SECONDS", "10", "close a connection whose request head takes longer than this (slowloris)"),
-    flag("max-connections", "N", "1024", "most open client connections; more get 503 and are closed"),
+    flag("max-connections", "N", "auto", "most open client connections; more get 503 and are closed (auto: the open-file limit, raised to its hard limit at start, less what the server itself uses; printed at start)"),
     flag("shutdown-timeout", "SECONDS", "30", "on SIGTERM/SIGINT, finish accepted requests for at most this long, then exit"),
     repeated("api-key", "KEY", "require Authorization: Bearer KEY on every route but /health (repeatable; env: comma-separated)"),
     repeated("api-key-file", "FILE", "read API keys from FILE, one per line (repeatable)"),
     switch("metrics-auth", "require the API key on /metrics too"),
     switch("no-truncate", "refuse (400) inputs longer than the model's maximum instead of truncating them"),
     flag("cors-allow-origin", "ORIGIN", "", "answer browsers from ORIGIN (e.g. https://app.example, or *): send Access-Control-Allow-Origin and answer OPTIONS preflights; off by default"),
+    switch("no-ui", "do not serve the page at / (it then answers 404); the API is the same either way"),
     flag("format", "FORMAT", "json", "embed: output format, json (JSON lines) or f32 (raw little-endian floats)"),
 ];
 
@@ -93,9 +98,10 @@ embedding-server: sentence embeddings over HTTP, models compiled in
 
 USAGE:
     embedding-server [serve] [FLAGS]            serve the HTTP API (the default)
-    embedding-server models                     list the embedded models
+    embedding-server models                     list the models of the catalog
     embedding-server export-models DIR [--model NAME]...
-                                                write the embedded model files to DIR/<model>/, verified
+                                                write the embedded models to DIR/<model>/ as sentence-transformers
+                                                directories, the model files verified
     embedding-server embed [--model NAME] [--model-dir DIR] [TEXT]...
                                                 print the embeddings of TEXTs (or of stdin lines) as JSON lines
     embedding-server health [--host H] [--port P]
@@ -201,6 +207,49 @@ impl Options {
             format!("--{name} (or {env}) must be a number, not {raw:?}")
         })
     }
+
+    /// A flag that is a number of seconds (fractions allowed).
+    pub fn seconds(&self, name: &str) -> Result<Duration, String> {
+        let value: f64 = self.number(name)?;
+        Duration::try_from_secs_f64(value)
+            .map_err(|_| format!("--{name} must be a non-negative number of seconds, not {value}"))
+    }
+}
+
+/// The typed configuration of `serve`, from the flags.
+pub fn serve_config(options: &Options) -> Result<ServeConfig, String> {
+    let max_connections = match options.text("max-connections") {
+        None | Some("auto") => None,
+        Some(_) => Some(options.number::<usize>("max-connections")?.max(1)),
+    };
+    Ok(ServeConfig {
+        host: options.text("host").unwrap_or("127.0.0.1").to_string(),
+        port: options.number("port")?,
+        threads: options.number::<usize>("threads")?.max(1),
+        limits: Limits {
+            max_body_bytes: options.number("max-body-bytes")?,
+            max_inputs: options.number("max-inputs")?,
+            max_request_tokens: options.number("max-request-tokens")?,
+            truncate: !options.switch("no-truncate"),
+            request_timeout: options.seconds("request-timeout")?,
+            body_timeout: options.seconds("body-timeout")?,
+        },
+        door: DoorConfig {
+            max_connections,
+            idle_timeout: options.seconds("idle-timeout")?,
+            header_timeout: options.seconds("header-timeout")?,
+        },
+        max_batch_tokens: options.number("max-batch-tokens")?,
+        queue_capacity: options.number("queue-capacity")?,
+        shutdown_timeout: options.seconds("shutdown-timeout")?,
+        auth: AuthConfig {
+            keys: options.list("api-key").to_vec(),
+            key_files: options.list("api-key-file").to_vec(),
+            protect_metrics: options.switch("metrics-auth"),
+        },
+        cors_allow_origin: options.text("cors-allow-origin").map(String::from),
+        ui: !options.switch("no-ui"),
+    })
 }
 
 pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {

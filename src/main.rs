@@ -17,7 +17,7 @@ fn main() {
         Ok(Command::Version) => {
             println!("embedding-server {}", env!("CARGO_PKG_VERSION"));
             for spec in models::CATALOG.iter().filter(|s| s.embedded) {
-                println!("  {} = {}@{}", spec.name, spec.hub_repo, spec.hub_revision);
+                println!("  {} = {}", spec.name, spec.revision());
             }
             Ok(())
         }
@@ -35,9 +35,10 @@ fn main() {
                 std::process::exit(1);
             }
         },
-        Ok(Command::Serve(options)) => {
-            commands::load_models(&options).and_then(|models| server::serve(&options, models))
-        }
+        // The flags are checked before the models load, so that a typo fails at once.
+        Ok(Command::Serve(options)) => cli::serve_config(&options).and_then(|config| {
+            commands::load_models(&options).and_then(|models| server::serve(config, models))
+        }),
         Err(message) => Err(message),
     };
     if let Err(message) = result {

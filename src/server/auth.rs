@@ -1,5 +1,5 @@
-//! API keys: `Authorization: Bearer <key>` on every route but /health (and /metrics unless
-//! `--metrics-auth`). Keys are compared in constant time and never logged.
+//! API keys: `Authorization: Bearer <key>` on every route but /health, the page at / (which holds no data;
+//! it asks for the key when the API answers 401) and /metrics unless `--metrics-auth`. Keys are compared in constant time and never logged.
 
 use super::errors::ApiError;
 
@@ -38,6 +38,7 @@ impl Auth {
     /// Checks the request's Authorization header for `path`.
     pub fn check(&self, path: &str, authorization: Option<&str>) -> Result<(), ApiError> {
         let public = path == "/health"
+            || path == "/"
             || (!self.protect_metrics && (path == "/metrics" || path == "/metrics/"));
         if !self.enabled() || public {
             return Ok(());
@@ -80,7 +81,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keys_guard_everything_but_health_and_by_default_metrics() {
+    fn keys_guard_everything_but_health_the_page_and_by_default_metrics() {
         let auth = Auth::new(&["k1".into(), "k2".into()], &[], false).unwrap();
         assert!(auth.check("/v1/embeddings", Some("Bearer k2")).is_ok());
         assert_eq!(
@@ -91,6 +92,8 @@ mod tests {
         );
         assert_eq!(auth.check("/v1/models", None).unwrap_err().status, 401);
         assert!(auth.check("/health", None).is_ok());
+        assert!(auth.check("/", None).is_ok());
+        assert_eq!(auth.check("/index.html", None).unwrap_err().status, 401);
         assert!(auth.check("/metrics", None).is_ok());
         let strict = Auth::new(&["k1".into()], &[], true).unwrap();
         assert_eq!(strict.check("/metrics", None).unwrap_err().status, 401);

@@ -17,11 +17,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub struct FrontDoorConfig {
-    pub max_connections: usize,
-    pub idle_timeout: Duration,
-    pub header_timeout: Duration,
-    pub body_timeout: Duration,
+use super::DoorConfig;
+
+struct FrontDoorConfig {
+    max_connections: usize,
+    idle_timeout: Duration,
+    header_timeout: Duration,
+    body_timeout: Duration,
 }
 
 pub struct FrontDoor {
@@ -45,8 +47,16 @@ impl FrontDoor {
     /// listener to hand to tiny_http.
     pub fn bind(
         address: &str,
-        config: FrontDoorConfig,
+        config: &DoorConfig,
+        max_connections: usize,
+        body_timeout: Duration,
     ) -> Result<(Arc<FrontDoor>, UnixListener), String> {
+        let config = FrontDoorConfig {
+            max_connections,
+            idle_timeout: config.idle_timeout,
+            header_timeout: config.header_timeout,
+            body_timeout,
+        };
         let listener = TcpListener::bind(address).map_err(|e| {
             format!(
                 "cannot listen on {address}: {e} (is the port taken? --port 0 picks a free one)"

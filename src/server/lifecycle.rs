@@ -91,16 +91,26 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// Raises the soft limit on open files to the hard limit, so that many idle connections cannot exhaust it.
-pub fn raise_fd_limit() {
+/// Raises the soft limit on open files to the hard limit, so that many idle connections cannot exhaust it;
+/// returns the soft limit in force afterwards. Where raising is not allowed (a seccomp filter without
+/// setrlimit, as in the systemd unit, whose `LimitNOFILE` sets both limits), the soft limit stays.
+pub fn raise_fd_limit() -> usize {
     // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
     unsafe {
         let mut limit: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 1024;
         }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+        usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX)
     }
 }
 

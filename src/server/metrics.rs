@@ -267,8 +267,15 @@ fn number(value: f64) -> String {
 /// The `process_*` samples, from /proc (Linux); absent elsewhere.
 fn process_samples(start_time: f64) -> Vec<(&'static str, f64)> {
     let mut out = vec![("process_start_time_seconds", start_time)];
-    let page_size = 4096.0;
-    let ticks_per_second = 100.0;
+    // Both vary by platform (64 KiB pages on some arm64 kernels); the kernel says which applies, and a
+    // sample is left out rather than guessed should it not.
+    // SAFETY: sysconf only reads configuration values.
+    let (page_size, ticks_per_second) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PAGESIZE),
+            libc::sysconf(libc::_SC_CLK_TCK),
+        )
+    };
     if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
         // Fields after the command name, which is in parentheses and may contain spaces.
         if let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) {
@@ -280,12 +287,19 @@ fn process_samples(start_time: f64) -> Vec<(&'static str, f64)> {
                     .unwrap_or(0.0)
             };
             // utime and stime are fields 14 and 15 of stat(5): indices 11 and 12 here.
-            out.push((
-                "process_cpu_seconds_total",
-                (field(11) + field(12)) / ticks_per_second,
-            ));
+            if ticks_per_second > 0 {
+                out.push((
+                    "process_cpu_seconds_total",
+                    (field(11) + field(12)) / ticks_per_second as f64,
+                ));
+            }
             out.push(("process_virtual_memory_bytes", field(20)));
-            out.push(("process_resident_memory_bytes", field(21) * page_size));
+            if page_size > 0 {
+                out.push((
+                    "process_resident_memory_bytes",
+                    field(21) * page_size as f64,
+                ));
+            }
         }
     }
     if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {

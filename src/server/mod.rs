@@ -3,6 +3,7 @@
 
 pub mod api;
 mod auth;
+mod config;
 mod errors;
 mod front_door;
 mod lifecycle;
@@ -11,6 +12,7 @@ pub mod notify;
 mod queue;
 mod routes;
 mod tokens;
+mod ui;
 
 use std::io::Read;
 use std::sync::{Arc, Mutex};
@@ -18,27 +20,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tiny_http::{Header, Response};
 
-use crate::cli::Options;
 use crate::models::Model;
 use auth::Auth;
+pub use config::{AuthConfig, DoorConfig, Limits, ServeConfig};
 use errors::ApiError;
-use front_door::{FrontDoor, FrontDoorConfig};
+use front_door::FrontDoor;
 use lifecycle::Lifecycle;
 use metrics::Metrics;
 use queue::BatchQueue;
 use routes::{Incoming, Outgoing};
-
-/// The limits every request is held to.
-pub struct Limits {
-    pub max_body_bytes: u64,
-    pub max_inputs: usize,
-    pub max_request_tokens: usize,
-    /// Whether over-long inputs are cut (the original's behaviour) rather than refused.
-    pub truncate: bool,
-    pub request_timeout: Duration,
-    /// The longest a client may take to send its body.
-    pub body_timeout: Duration,
-}
+pub use routes::{Route, ROUTES};
 
 /// What every worker shares.
 pub struct App {
@@ -46,8 +37,12 @@ pub struct App {
     default_model: String,
     limits: Limits,
     metrics: Arc<Metrics>,
-    /// Unix time the server started, reported as the models' `created`.
+    /// Unix time the server started, reported as the models' `created` and by `/v1/info`.
     started: u64,
+    /// The same moment on the monotonic clock, for `/v1/info`'s uptime.
+    up_since: Instant,
+    /// The page at `/`; `None` with `--no-ui`.
+    ui: Option<ui::Page>,
     auth: Auth,
     lifecycle: Lifecycle,
     /// When a worker last picked up a request: the drain waits for a quiet moment before exiting.
@@ -58,7 +53,10 @@ pub struct App {
 
 impl App {
     fn model_names(&self) -> Vec<&str> {
-        self.queues.iter().map(|q| q.model().spec.name).collect()
+        self.queues
+            .iter()
+            .map(|q| q.model().spec.name.as_str())
+            .collect()
     }
 
     fn queue(&self, name: &str) -> Result<&BatchQueue, ApiError> {
@@ -69,32 +67,21 @@ impl App {
     }
 }
 
-pub fn serve(options: &Options, models: Vec<Model>) -> Result<(), String> {
-    let seconds = |name: &str| -> Result<Duration, String> {
-        let value: f64 = options.number(name)?;
-        Duration::try_from_secs_f64(value)
-            .map_err(|_| format!("--{name} must be a non-negative number of seconds"))
-    };
-    let limits = Limits {
-        max_body_bytes: options.number("max-body-bytes")?,
-        max_inputs: options.number("max-inputs")?,
-        max_request_tokens: options.number("max-request-tokens")?,
-        truncate: !options.switch("no-truncate"),
-        request_timeout: seconds("request-timeout")?,
-        body_timeout: seconds("body-timeout")?,
-    };
-    let idle_timeout = seconds("idle-timeout")?;
-    let shutdown_timeout = seconds("shutdown-timeout")?;
-    let threads: usize = options.number::<usize>("threads")?.max(1);
-    let max_batch_tokens: usize = options.number("max-batch-tokens")?;
-    let capacity: usize = options.number("queue-capacity")?;
-    let host = options.text("host").unwrap_or("127.0.0.1");
-    let port: u16 = options.number("port")?;
-    let auth = Auth::new(
-        options.list("api-key"),
-        options.list("api-key-file"),
-        options.switch("metrics-auth"),
-    )?;
+pub fn serve(config: ServeConfig, models: Vec<Model>) -> Result<(), String> {
+    let ServeConfig {
+        host,
+        port,
+        threads,
+        limits,
+        door: door_config,
+        max_batch_tokens,
+        queue_capacity,
+        shutdown_timeout,
+        auth,
+        cors_allow_origin,
+        ui,
+    } = config;
+    let auth = Auth::new(&auth.keys, &auth.key_files, auth.protect_metrics)?;
 
     let metrics = Arc::new(Metrics::new());
     let default_model = models
@@ -107,7 +94,7 @@ pub fn serve(options: &Options, models: Vec<Model>) -> Result<(), String> {
             BatchQueue::start(
                 Arc::new(model),
                 max_batch_tokens,
-                capacity,
+                queue_capacity,
                 Arc::clone(&metrics),
             )
         })
@@ -121,28 +108,33 @@ pub fn serve(options: &Options, models: Vec<Model>) -> Result<(), String> {
         limits,
         metrics,
         started,
+        up_since: Instant::now(),
+        ui: ui.then(ui::Page::new),
         auth,
         lifecycle: Lifecycle::new(),
         last_request: Mutex::new(Instant::now()),
-        cors_allow_origin: options.text("cors-allow-origin").map(String::from),
+        cors_allow_origin,
     });
 
     // One line per panic, whatever thread it happens on; the request it hit is answered 500 and logged.
     std::panic::set_hook(Box::new(|info| eprintln!("error: panic: {info}")));
     lifecycle::install_signal_handlers();
-    lifecycle::raise_fd_limit();
+    let files = lifecycle::raise_fd_limit();
     let address = if host.contains(':') && !host.starts_with('[') {
         format!("[{host}]:{port}")
     } else {
         format!("{host}:{port}")
     };
-    let door_config = FrontDoorConfig {
-        max_connections: options.number::<usize>("max-connections")?.max(1),
-        idle_timeout,
-        header_timeout: seconds("header-timeout")?,
-        body_timeout: app.limits.body_timeout,
-    };
-    let (door, internal) = FrontDoor::bind(&address, door_config)?;
+    let max_connections = door_config
+        .max_connections
+        .unwrap_or_else(|| files.saturating_sub(reserved_files(threads)).max(1));
+    eprintln!("open files: soft limit {files}; serving at most {max_connections} connections");
+    let (door, internal) = FrontDoor::bind(
+        &address,
+        &door_config,
+        max_connections,
+        app.limits.body_timeout,
+    )?;
     let server = tiny_http::Server::from_listener(internal, None)
         .map_err(|e| format!("cannot serve: {e}"))?;
     let server = Arc::new(server);
@@ -187,6 +179,14 @@ pub fn serve(options: &Options, models: Vec<Model>) -> Result<(), String> {
         eprintln!("shutdown deadline passed with {left} request(s) still in flight; exiting");
     }
     std::process::exit(0);
+}
+
+/// File descriptors the server needs besides its client connections: stdio, the listener, the internal
+/// socket and both ends of each internal connection (one per worker, plus the probe's), and a margin for
+/// the model files at start and the notify socket. The default `--max-connections` is the open-file limit
+/// less this.
+fn reserved_files(threads: usize) -> usize {
+    64 + 2 * (threads + 1)
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

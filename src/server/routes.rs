@@ -63,7 +63,7 @@ pub fn handle(app: &App, request: &Incoming) -> Outgoing {
     contain_panics(
         request,
         || app.metrics.record_panic(),
-        || route(app, request),
+        || route_request(app, request),
     )
 }
 
@@ -128,84 +128,143 @@ fn contain_panics(
     }
 }
 
-fn route(app: &App, request: &Incoming) -> Result<Outgoing, ApiError> {
-    let path = request.path.split('?').next().unwrap_or("");
-    let method = request.method;
-    let allow = |allowed: &str, ok: bool| {
-        if ok {
-            Ok(())
-        } else {
-            Err(ApiError::method_not_allowed(method, allowed))
-        }
-    };
-    match path {
-        "/openapi.json" => {
-            allow("GET", method == "GET")?;
-            Ok(Outgoing::json(OPENAPI.into()))
-        }
-        "/health" => {
-            allow("GET", method == "GET")?;
-            if app.lifecycle.draining() {
-                // Load balancers take this as the signal to stop sending here.
-                return Err(ApiError::unavailable("The server is shutting down."));
-            }
-            Ok(Outgoing::json(r#"{"status":"ok"}"#.into()))
-        }
-        "/metrics" | "/metrics/" => {
-            allow("GET", method == "GET")?;
-            Ok(Outgoing {
-                content_type: "text/plain; version=0.0.4; charset=utf-8",
-                ..Outgoing::json(app.metrics.render())
-            })
-        }
-        "/v1/models" | "/v1/models/" => {
-            allow("GET", method == "GET")?;
-            Ok(Outgoing::json(api::models_list(&app.model_names())))
-        }
-        "/v1/encode" | "/v1/encode/" => {
-            allow("GET, POST", method == "GET" || method == "POST")?;
-            embed(app, Api::Encode, request)
-        }
-        "/v1/embeddings" | "/v1/embeddings/" | "/embeddings" | "/embeddings/" => {
-            allow("POST", method == "POST")?;
-            embed(app, Api::OpenAi, request)
-        }
-        "/tokenize" => {
-            allow("POST", method == "POST")?;
-            tokens::tokenize(app, request)
-        }
-        "/decode" => {
-            allow("POST", method == "POST")?;
-            tokens::decode(app, request)
-        }
-        // A model name is one path segment, as the document's `/v1/models/{id}` says.
-        _ => match path.strip_prefix("/v1/models/").map(|rest| rest.split('/')) {
-            Some(mut segments) => match (segments.next(), segments.next(), segments.next()) {
-                (Some(id), None, None) => {
-                    allow("GET", method == "GET")?;
-                    let model = app.queue(id)?.model();
-                    Ok(Outgoing::json(api::model_card(model, app.started)))
-                }
-                (Some(id), Some("quantization"), None) if !id.is_empty() => {
-                    allow("GET", method == "GET")?;
-                    let model = app.queue(id)?.model();
-                    let calibrated = quantization_ranges(model)?;
-                    Ok(Outgoing::json(api::quantization_card(model, &calibrated)))
-                }
-                _ => Err(ApiError::not_found(path)),
-            },
-            None => Err(ApiError::not_found(path)),
-        },
+/// A handler: the app, the request, and the values of the path's `{...}` segments, in order.
+type Handler = fn(&App, &Incoming, &[&str]) -> Result<Outgoing, ApiError>;
+
+/// One row of the route table: a path, the methods it answers and its handler. In `path`, a `{name}`
+/// segment matches one non-empty path segment; everything else matches exactly.
+pub struct Route {
+    pub path: &'static str,
+    pub methods: &'static [&'static str],
+    handler: Handler,
+}
+
+const fn route(path: &'static str, methods: &'static [&'static str], handler: Handler) -> Route {
+    Route {
+        path,
+        methods,
+        handler,
     }
+}
+
+/// Every route the server answers. The router reads it, and tests/openapi.rs checks it against
+/// `/openapi.json` both ways, so adding a route is one row here, its handler, and its documentation.
+pub const ROUTES: &[Route] = &[
+    route("/", &["GET"], page),
+    route("/openapi.json", &["GET"], openapi),
+    route("/health", &["GET"], health),
+    route("/metrics", &["GET"], metrics),
+    route("/metrics/", &["GET"], metrics),
+    route("/v1/info", &["GET"], info),
+    route("/v1/models", &["GET"], models_list),
+    route("/v1/models/", &["GET"], models_list),
+    route("/v1/models/{id}", &["GET"], model_card),
+    route("/v1/encode", &["GET", "POST"], encode),
+    route("/v1/encode/", &["GET", "POST"], encode),
+    route("/v1/embeddings", &["POST"], embeddings),
+    route("/v1/embeddings/", &["POST"], embeddings),
+    route("/embeddings", &["POST"], embeddings),
+    route("/embeddings/", &["POST"], embeddings),
+    route("/tokenize", &["POST"], tokens::tokenize),
+    route("/decode", &["POST"], tokens::decode),
+    route("/v1/models/{id}/quantization", &["GET"], quantization),
+];
+
+impl Route {
+    /// The values of the `{...}` segments if `path` matches this route.
+    fn matches<'p>(&self, path: &'p str) -> Option<Vec<&'p str>> {
+        let mut pattern = self.path.split('/');
+        let mut given = path.split('/');
+        let mut params = Vec::new();
+        loop {
+            match (pattern.next(), given.next()) {
+                (None, None) => return Some(params),
+                (Some(p), Some(g)) if p.starts_with('{') && p.ends_with('}') && !g.is_empty() => {
+                    params.push(g)
+                }
+                (Some(p), Some(g)) if p == g => {}
+                _ => return None,
+            }
+        }
+    }
+}
+
+fn route_request(app: &App, request: &Incoming) -> Result<Outgoing, ApiError> {
+    let path = request.path.split('?').next().unwrap_or("");
+    let (route, params) = ROUTES
+        .iter()
+        .find_map(|route| route.matches(path).map(|params| (route, params)))
+        .ok_or_else(|| ApiError::not_found(path))?;
+    if !route.methods.contains(&request.method) {
+        return Err(ApiError::method_not_allowed(
+            request.method,
+            &route.methods.join(", "),
+        ));
+    }
+    (route.handler)(app, request, &params)
+}
+
+/// With `--no-ui` the page is not there: 404, as for any path the server does not know.
+fn page(app: &App, _: &Incoming, _: &[&str]) -> Result<Outgoing, ApiError> {
+    match &app.ui {
+        Some(page) => Ok(page.answer()),
+        None => Err(ApiError::not_found("/")),
+    }
+}
+
+fn openapi(_: &App, _: &Incoming, _: &[&str]) -> Result<Outgoing, ApiError> {
+    Ok(Outgoing::json(OPENAPI.into()))
+}
+
+fn health(app: &App, _: &Incoming, _: &[&str]) -> Result<Outgoing, ApiError> {
+    if app.lifecycle.draining() {
+        // Load balancers take this as the signal to stop sending here.
+        return Err(ApiError::unavailable("The server is shutting down."));
+    }
+    Ok(Outgoing::json(r#"{"status":"ok"}"#.into()))
+}
+
+fn metrics(app: &App, _: &Incoming, _: &[&str]) -> Result<Outgoing, ApiError> {
+    Ok(Outgoing {
+        content_type: "text/plain; version=0.0.4; charset=utf-8",
+        ..Outgoing::json(app.metrics.render())
+    })
+}
+
+fn info(app: &App, _: &Incoming, _: &[&str]) -> Result<Outgoing, ApiError> {
+    let uptime = app.up_since.elapsed().as_secs();
+    Ok(Outgoing::json(api::info(app.started, uptime)))
+}
+
+fn models_list(app: &App, _: &Incoming, _: &[&str]) -> Result<Outgoing, ApiError> {
+    Ok(Outgoing::json(api::models_list(&app.model_names())))
+}
+
+fn model_card(app: &App, _: &Incoming, params: &[&str]) -> Result<Outgoing, ApiError> {
+    let model = app.queue(params[0])?.model();
+    Ok(Outgoing::json(api::model_card(model, app.started)))
+}
+
+fn quantization(app: &App, _: &Incoming, params: &[&str]) -> Result<Outgoing, ApiError> {
+    let model = app.queue(params[0])?.model();
+    let calibrated = quantization_ranges(model)?;
+    Ok(Outgoing::json(api::quantization_card(model, &calibrated)))
 }
 
 /// The model's int8/uint8 ranges, calibrated on first use (which takes a moment; the log says how long).
 fn quantization_ranges(model: &Model) -> Result<std::sync::Arc<Calibrated>, ApiError> {
-    let calibrated = model.quantization_ranges().map_err(|e| {
+    model.quantization_ranges().map_err(|e| {
         eprintln!("error: calibrating {}: {e}", model.spec.name);
         ApiError::internal()
-    })?;
-    Ok(calibrated)
+    })
+}
+
+fn encode(app: &App, request: &Incoming, _: &[&str]) -> Result<Outgoing, ApiError> {
+    embed(app, Api::Encode, request)
+}
+
+fn embeddings(app: &App, request: &Incoming, _: &[&str]) -> Result<Outgoing, ApiError> {
+    embed(app, Api::OpenAi, request)
 }
 
 fn embed(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiError> {
@@ -229,7 +288,7 @@ fn embed_inner(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiE
     } = body;
     let queue = app.queue(model.as_deref().unwrap_or(&app.default_model))?;
     let model = queue.model();
-    let spec = model.spec;
+    let spec = &model.spec;
     let limits = &app.limits;
 
     if inputs.len() > limits.max_inputs {
@@ -361,8 +420,8 @@ fn embed_inner(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiE
         "embeddings"
     };
     app.metrics
-        .record_request(spec.name, api_label, count, total, truncated);
-    let body = api::embeddings_response(spec.name, &vectors, dims, total);
+        .record_request(&spec.name, api_label, count, total, truncated);
+    let body = api::embeddings_response(&spec.name, &vectors, dims, total);
     Ok(Outgoing {
         inputs: count,
         tokens: total,
@@ -373,6 +432,29 @@ fn embed_inner(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_template_segment_matches_one_non_empty_segment() {
+        let card = ROUTES.iter().find(|r| r.path == "/v1/models/{id}").unwrap();
+        assert_eq!(card.matches("/v1/models/m"), Some(vec!["m"]));
+        assert_eq!(card.matches("/v1/models/"), None);
+        assert_eq!(card.matches("/v1/models/a/b"), None);
+        assert_eq!(card.matches("/v1/models"), None);
+        let health = ROUTES.iter().find(|r| r.path == "/health").unwrap();
+        assert_eq!(health.matches("/health"), Some(vec![]));
+        assert_eq!(health.matches("/health/"), None);
+    }
+
+    #[test]
+    fn no_two_routes_share_a_path() {
+        for (i, a) in ROUTES.iter().enumerate() {
+            assert!(
+                ROUTES[i + 1..].iter().all(|b| b.path != a.path),
+                "{} is in the table twice",
+                a.path
+            );
+        }
+    }
 
     #[test]
     fn a_panicking_handler_becomes_one_counted_500() {

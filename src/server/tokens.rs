@@ -12,7 +12,7 @@ use crate::models::{ErrorKind, Model, ModelError, TokenSpan};
 
 /// `POST /tokenize`: `{"model"?, "inputs": str | [str], "add_special_tokens"?: true, "prompt_name"?}` →
 /// `[[{"id", "text", "special", "start", "stop"}]]`.
-pub fn tokenize(app: &App, request: &Incoming) -> Result<Outgoing, ApiError> {
+pub fn tokenize(app: &App, request: &Incoming, _: &[&str]) -> Result<Outgoing, ApiError> {
     api::require_json(request.content_type)?;
     let fields = api::json_object(request.body, "{\"inputs\": \"text\"}")?;
     let inputs = texts(fields.get("inputs"))?;
@@ -23,7 +23,7 @@ pub fn tokenize(app: &App, request: &Incoming) -> Result<Outgoing, ApiError> {
         None => (api::optional_string(&fields, "task")?, "task"),
     };
     let model = model(app, &fields)?;
-    let prefix = api::prompt_prefix(model.spec, task.as_deref(), param)?;
+    let prefix = api::prompt_prefix(&model.spec, task.as_deref(), param)?;
     let limits = &app.limits;
     within_inputs(inputs.len(), limits.max_inputs, "inputs")?;
 
@@ -46,7 +46,7 @@ pub fn tokenize(app: &App, request: &Incoming) -> Result<Outgoing, ApiError> {
         out.push(tokens_json(&format!("{prefix}{text}"), &spans));
     }
     app.metrics
-        .record_tokenizer(model.spec.name, "tokenize", total);
+        .record_tokenizer(&model.spec.name, "tokenize", total);
     Ok(Outgoing {
         inputs: inputs.len(),
         tokens: total,
@@ -55,7 +55,7 @@ pub fn tokenize(app: &App, request: &Incoming) -> Result<Outgoing, ApiError> {
 }
 
 /// `POST /decode`: `{"model"?, "ids": [int] | [[int]], "skip_special_tokens"?: true}` → `[str]`.
-pub fn decode(app: &App, request: &Incoming) -> Result<Outgoing, ApiError> {
+pub fn decode(app: &App, request: &Incoming, _: &[&str]) -> Result<Outgoing, ApiError> {
     api::require_json(request.content_type)?;
     let fields = api::json_object(request.body, "{\"ids\": [101, 7592, 102]}")?;
     let sequences = id_lists(fields.get("ids"))?;
@@ -83,7 +83,7 @@ pub fn decode(app: &App, request: &Incoming) -> Result<Outgoing, ApiError> {
         })
         .collect::<Result<Vec<String>, ApiError>>()?;
     app.metrics
-        .record_tokenizer(model.spec.name, "decode", total);
+        .record_tokenizer(&model.spec.name, "decode", total);
     Ok(Outgoing {
         inputs: sequences.len(),
         tokens: total,
