@@ -435,23 +435,32 @@ fn encoding_formats() -> Vec<&'static str> {
 }
 
 /// `GET /v1/models/{id}/quantization`: the int8/uint8 ranges of each width, in the form
-/// `quantize_embeddings(..., ranges=np.array([min, max], dtype=np.float32))` takes.
+/// `quantize_embeddings(..., ranges=np.array([min, max], dtype=np.float32))` takes; each value the shortest
+/// decimal that reads back as the same f32.
 pub fn quantization_card(model: &Model, calibrated: &Calibrated) -> String {
-    let ranges: Vec<Value> = calibrated
-        .ranges
-        .iter()
-        .map(|(dims, r)| json!({"dimensions": dims, "min": r.min, "max": r.max}))
-        .collect();
-    json!({
+    let mut out = json!({
         "object": "quantization",
         "model": model.spec.name,
         "calibration": {
             "sentences": calibrated.sentences,
             "sha256": calibrated.sha256,
         },
-        "ranges": ranges,
     })
-    .to_string()
+    .to_string();
+    out.pop();
+    out.push_str(",\"ranges\":[");
+    for (i, (dims, ranges)) in calibrated.ranges.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&format!("{{\"dimensions\":{dims},\"min\":"));
+        write_floats(&mut out, &ranges.min);
+        out.push_str(",\"max\":");
+        write_floats(&mut out, &ranges.max);
+        out.push('}');
+    }
+    out.push_str("]}");
+    out
 }
 
 #[cfg(test)]
