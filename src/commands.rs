@@ -63,12 +63,12 @@ pub fn load_models(options: &Options) -> Result<Vec<Model>, String> {
     let named = !options.list("model").is_empty();
     let mut models = Vec::new();
     for name in &wanted {
-        let loaded = match &dir {
-            Some(dir) if !name.is_empty() && dir.join(name).is_dir() => {
-                directory::spec(dir, name, pooling)
-                    .and_then(|spec| load(&spec, &Source::Dir(dir.clone())))
-            }
-            _ => match catalog::find(name).filter(|s| s.embedded) {
+        let root = dir.as_deref().and_then(|d| directory::locate(d, name));
+        let from_dir = root.is_some();
+        let loaded = match root {
+            Some(root) => directory::spec(&root, name, pooling)
+                .and_then(|spec| load(&spec, &Source::Dir(root))),
+            None => match catalog::find(name).filter(|s| s.embedded) {
                 Some(spec) => load(spec, &Source::Embedded),
                 None => {
                     let mut available: Vec<String> =
@@ -96,7 +96,7 @@ pub fn load_models(options: &Options) -> Result<Vec<Model>, String> {
         };
         match loaded {
             Ok(model) => models.push(model),
-            Err(e) if !named && dir.as_ref().is_some_and(|d| d.join(name).is_dir()) => {
+            Err(e) if !named && from_dir => {
                 eprintln!(
                     "warning: not serving {name}: {e} (name it with --model to make this an error)"
                 )

@@ -370,46 +370,59 @@ fn edit_json(path: &Path, edit: impl FnOnce(&mut Value)) {
 /// A change to a scratch copy of a fixture.
 type Edit = Box<dyn FnOnce(&Path)>;
 
+/// Sets `key` of the JSON file `file` to `value`.
+fn set(file: &'static str, key: &'static str, value: Value) -> Edit {
+    Box::new(move |m| edit_json(&m.join(file), |c| c[key] = value))
+}
+
 #[test]
 fn unsupported_directories_are_refused_naming_what_is_unsupported() {
+    const POOLING: &str = "1_Pooling/config.json";
     let cases: Vec<(&str, Edit, &str)> = vec![
         (
             "cls-newer",
-            Box::new(|m| {
-                edit_json(&m.join("config.json"), |c| {
-                    c["model_type"] = "roberta".into();
-                    c["architectures"] = json!(["RobertaModel"]);
-                })
-            }),
+            set("config.json", "model_type", "roberta".into()),
             "RoBERTa",
         ),
         (
             "cls-newer",
-            Box::new(|m| {
-                edit_json(&m.join("config.json"), |c| {
-                    c["model_type"] = "xlm-roberta".into()
-                })
-            }),
+            set("config.json", "model_type", "xlm-roberta".into()),
             "XLM-RoBERTa",
         ),
         (
             "cls-newer",
-            Box::new(|m| edit_json(&m.join("config.json"), |c| c["model_type"] = "mpnet".into())),
+            set("config.json", "model_type", "mpnet".into()),
             "MPNet",
         ),
         (
             "cls-newer",
-            Box::new(|m| {
-                edit_json(&m.join("1_Pooling/config.json"), |c| {
-                    c["pooling_mode"] = "weightedmean".into()
-                })
-            }),
+            set("config.json", "hidden_act", "relu".into()),
+            "relu",
+        ),
+        (
+            "cls-newer",
+            set(POOLING, "pooling_mode", "weightedmean".into()),
             "weightedmean",
+        ),
+        (
+            "cls-newer",
+            set(POOLING, "pooling_mode", json!(["cls", "mean"])),
+            "cls + mean",
+        ),
+        (
+            "mean-classic",
+            set(POOLING, "include_prompt", false.into()),
+            "include_prompt",
+        ),
+        (
+            "mean-classic",
+            set(POOLING, "pooling_mode_max_tokens", true.into()),
+            "max + mean",
         ),
         (
             "mean-classic",
             Box::new(|m| {
-                edit_json(&m.join("1_Pooling/config.json"), |c| {
+                edit_json(&m.join(POOLING), |c| {
                     c["pooling_mode_lasttoken"] = true.into();
                     c["pooling_mode_mean_tokens"] = false.into();
                 })
@@ -417,13 +430,13 @@ fn unsupported_directories_are_refused_naming_what_is_unsupported() {
             "lasttoken",
         ),
         (
-            "mean-classic",
-            Box::new(|m| {
-                edit_json(&m.join("1_Pooling/config.json"), |c| {
-                    c["pooling_mode_max_tokens"] = true.into()
-                })
-            }),
-            "max + mean",
+            "cls-newer",
+            set(
+                "config_sentence_transformers.json",
+                "default_prompt_name",
+                "missing".into(),
+            ),
+            "missing",
         ),
         (
             "max-newer",
@@ -436,29 +449,6 @@ fn unsupported_directories_are_refused_naming_what_is_unsupported() {
                 })
             }),
             "sentence_transformers.models.Dense",
-        ),
-        (
-            "cls-newer",
-            Box::new(|m| edit_json(&m.join("config.json"), |c| c["hidden_act"] = "relu".into())),
-            "relu",
-        ),
-        (
-            "cls-newer",
-            Box::new(|m| {
-                edit_json(&m.join("config_sentence_transformers.json"), |c| {
-                    c["default_prompt_name"] = "missing".into()
-                })
-            }),
-            "missing",
-        ),
-        (
-            "mean-classic",
-            Box::new(|m| {
-                edit_json(&m.join("1_Pooling/config.json"), |c| {
-                    c["include_prompt"] = false.into()
-                })
-            }),
-            "include_prompt",
         ),
         (
             "cls-newer",
@@ -543,4 +533,18 @@ fn without_model_directories_that_cannot_be_served_are_skipped_with_the_reason()
         log.contains("not serving nomic-tiny") && log.contains("--pooling"),
         "{log}"
     );
+}
+
+#[test]
+fn model_dir_may_name_one_model_directory_itself() {
+    let dir = fixtures_dir();
+    let own = dir.join("max-newer");
+    for args in [vec![], vec!["--model", "max-newer"]] {
+        let mut all = vec!["--model-dir", own.to_str().unwrap()];
+        all.extend(args);
+        let server = Server::start(&all);
+        check_http(&server, &dir, "max-newer");
+        let card = server.request("GET", "/v1/models/max-newer", None).json();
+        assert_eq!(card["pooling"], "max", "{card}");
+    }
 }
