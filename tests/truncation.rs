@@ -1,7 +1,9 @@
 //! Truncation from either end against sentence-transformers: `tests/fixtures/left_truncation.json` (made by
 //! `tests/fixtures/make_left_truncation.py` with `model.tokenizer.truncation_side = "left"`) holds the exact
 //! ids and the embeddings of over-long inputs cut at the start; the engine and `/v1/embeddings` with
-//! `truncation_direction` must give both, while the default stays the shared reference's right truncation.
+//! `truncation_direction` must give both, while the default stays the shared reference's right truncation;
+//! and with a prompt (the shared bert-tiny-cls directory), the prompt in front of the text is what the cut
+//! eats first, as in sentence-transformers.
 
 mod common;
 
@@ -182,4 +184,95 @@ fn a_bad_direction_is_a_400_and_no_truncation_stays_no_truncation() {
     );
     assert_eq!(response.status, 400, "{}", response.text());
     assert!(response.text().contains("tokens"), "{}", response.text());
+}
+
+/// A `--model-dir` holding the shared bert-tiny-cls directory (a symlink); removed on drop.
+struct TinyDir(std::path::PathBuf);
+
+impl TinyDir {
+    fn new() -> TinyDir {
+        let root = std::env::temp_dir().join(format!(
+            "embedding-server-truncation-{}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&root).unwrap();
+        let link = root.join("bert-tiny-cls");
+        let _ = std::fs::remove_file(&link);
+        let target = common::shared_dir().join("reference").join("bert-tiny-cls");
+        std::os::unix::fs::symlink(target, &link).unwrap();
+        TinyDir(root)
+    }
+}
+
+impl Drop for TinyDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn a_prompt_in_front_of_the_text_is_cut_first_as_in_sentence_transformers() {
+    let prompted = &fixture()["prompted"];
+    let name = prompted["model_dir"].as_str().unwrap();
+    let max = prompted["max_seq_length"].as_u64().unwrap();
+    let tolerance = {
+        let path = common::shared_dir()
+            .join("reference")
+            .join(name)
+            .join("expected.json");
+        let expected: Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        expected["tolerance"].as_f64().unwrap()
+    };
+    let dir = TinyDir::new();
+    let server = Server::start(&["--model-dir", dir.0.to_str().unwrap(), "--model", name]);
+    let cases = prompted["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 2);
+    for case in cases {
+        let id = case["id"].as_str().unwrap();
+        let body = json!({
+            "model": name,
+            "input": case["text"],
+            "prompt_name": case["prompt_name"],
+            "truncation_direction": "left",
+        });
+        let response = server.post("/v1/embeddings", &body);
+        assert_eq!(response.status, 200, "{id}: {}", response.text());
+        let response = response.json();
+        assert_eq!(response["usage"]["prompt_tokens"], max, "{id}");
+        let (got, want) = (
+            floats(&response["data"][0]["embedding"]),
+            floats(&case["embedding"]),
+        );
+        let diff = max_abs_diff(&got, &want);
+        assert!(diff <= tolerance, "{id}: max |Δ| {diff} > {tolerance}");
+
+        // /tokenize lists the prompted text whole, offsets counted from the start of the prompt; cut on the
+        // left as the model is, its ids are the fixture's.
+        let tokens = server.post(
+            "/tokenize",
+            &json!({"model": name, "inputs": case["text"], "prompt_name": case["prompt_name"]}),
+        );
+        assert_eq!(tokens.status, 200, "{}", tokens.text());
+        let tokens = tokens.json()[0].as_array().unwrap().clone();
+        assert_eq!(
+            tokens.len() as u64,
+            case["tokens_untruncated"].as_u64().unwrap(),
+            "{id}"
+        );
+        let all: Vec<u32> = tokens
+            .iter()
+            .map(|t| t["id"].as_u64().unwrap() as u32)
+            .collect();
+        let want = ids(&case["input_ids"]);
+        let kept: Vec<u32> = std::iter::once(all[0])
+            .chain(all[all.len() - (want.len() - 1)..].iter().copied())
+            .collect();
+        assert_eq!(kept, want, "{id}: the ids kept on the left");
+        assert_eq!(tokens[1]["start"], 0, "{id}: offsets start at the prompt");
+        assert_eq!(
+            tokens[1]["text"], "Represent",
+            "{id}: the prompt's first word"
+        );
+    }
 }

@@ -3,6 +3,7 @@
 
 pub mod api;
 mod auth;
+mod compact;
 mod config;
 mod errors;
 mod front_door;

@@ -8,9 +8,8 @@ use std::time::Instant;
 use super::api::{self, Api, EmbedRequest, EncodingFormat, Vectors};
 use super::errors::{excerpt, ApiError};
 use super::queue::QueueError;
-use super::{tokens, App};
-use crate::models::quantize::{self, Calibrated};
-use crate::models::{ErrorKind, Model, Tokens};
+use super::{compact, tokens, App};
+use crate::models::{ErrorKind, Tokens};
 
 /// The API's OpenAPI 3.1 document, written by hand and kept true by tests/openapi.rs.
 const OPENAPI: &str = include_str!("../../assets/openapi.json");
@@ -247,16 +246,8 @@ fn model_card(app: &App, _: &Incoming, params: &[&str]) -> Result<Outgoing, ApiE
 
 fn quantization(app: &App, _: &Incoming, params: &[&str]) -> Result<Outgoing, ApiError> {
     let model = app.queue(params[0])?.model();
-    let calibrated = quantization_ranges(model)?;
+    let calibrated = compact::ranges(model)?;
     Ok(Outgoing::json(api::quantization_card(model, &calibrated)))
-}
-
-/// The model's int8/uint8 ranges, calibrated on first use (which takes a moment; the log says how long).
-fn quantization_ranges(model: &Model) -> Result<std::sync::Arc<Calibrated>, ApiError> {
-    model.quantization_ranges().map_err(|e| {
-        eprintln!("error: calibrating {}: {e}", model.spec.name);
-        ApiError::internal()
-    })
 }
 
 fn encode(app: &App, request: &Incoming, _: &[&str]) -> Result<Outgoing, ApiError> {
@@ -318,19 +309,10 @@ fn embed_inner(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiE
     };
     let prefix = api::prompt_prefix(spec, task.as_deref(), "task")?;
     let truncate = truncate.unwrap_or(limits.truncate);
-    // Compact formats are checked (and int8/uint8 calibrated) before the engine spends anything.
-    let ranges = match encoding_format {
-        EncodingFormat::Compact(precision) if precision.is_packed() && !dims.is_multiple_of(8) => {
-            return Err(ApiError::invalid_param(
-                "encoding_format",
-                format!(
-                    "{} packs 8 dimensions per byte, so it needs a width that is a multiple of 8, not {dims}; ask for other \"dimensions\" or another encoding_format.",
-                    precision.name()
-                ),
-            ));
-        }
-        EncodingFormat::Compact(precision) if precision.needs_ranges() => {
-            Some(quantization_ranges(model)?)
+    // A compact format is checked (and int8/uint8 calibrated) before the engine spends anything.
+    let compact = match encoding_format {
+        EncodingFormat::Compact(precision) => {
+            Some(compact::prepare(model, precision, dims, "encoding_format")?)
         }
         _ => None,
     };
@@ -397,22 +379,10 @@ fn embed_inner(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiE
         })?;
     let count = pooled.len();
     let embeddings: Vec<Vec<f32>> = pooled.into_iter().map(|p| model.finish(p, dims)).collect();
-    let vectors = match encoding_format {
-        EncodingFormat::Float => Vectors::Float(embeddings),
-        EncodingFormat::Base64 => Vectors::Base64(embeddings),
-        EncodingFormat::Compact(precision) => {
-            let ranges = ranges.as_ref().and_then(|c| c.for_dims(dims));
-            let compact = embeddings
-                .iter()
-                .map(|e| quantize::quantize(e, precision, ranges))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| {
-                    // The width and the ranges were checked above; this is a bug, not the client's doing.
-                    eprintln!("error: quantising for {}: {e}", spec.name);
-                    ApiError::internal()
-                })?;
-            Vectors::Compact(compact)
-        }
+    let vectors = match (encoding_format, &compact) {
+        (_, Some(prepared)) => Vectors::Compact(compact::convert(prepared, &embeddings)?),
+        (EncodingFormat::Base64, None) => Vectors::Base64(embeddings),
+        _ => Vectors::Float(embeddings),
     };
     let api_label = if api == Api::Encode {
         "encode"
