@@ -112,8 +112,8 @@ fn load(spec: &models::ModelSpec, source: &Source) -> Result<Model, models::Mode
 /// `embedding-server models`
 pub fn list_models() {
     println!(
-        "{:<24} {:>5} {:>10} {:>12}  {:<8}  sha256 of model.safetensors",
-        "MODEL", "DIMS", "MAX TOKENS", "EMBEDDED", "ARCH"
+        "{:<24} {:>5} {:>10} {:>12}  {:<10} {:<20}  sha256 of model.safetensors",
+        "MODEL", "DIMS", "MAX TOKENS", "EMBEDDED", "ARCH", "POOLING"
     );
     for spec in CATALOG.iter() {
         let size = if spec.embedded {
@@ -122,13 +122,19 @@ pub fn list_models() {
             "no".to_string()
         };
         let weights = spec.pin("model.safetensors");
+        let pooling = format!(
+            "{}{}",
+            spec.pooling,
+            if spec.normalize { ", normalized" } else { "" }
+        );
         println!(
-            "{:<24} {:>5} {:>10} {:>12}  {:<8}  {}",
+            "{:<24} {:>5} {:>10} {:>12}  {:<10} {:<20}  {}",
             spec.name,
             spec.dims,
             spec.max_tokens,
             size,
-            format!("{:?}", spec.architecture),
+            spec.architecture.model_type(),
+            pooling,
             if weights.is_empty() {
                 "(not pinned)"
             } else {
