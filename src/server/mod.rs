@@ -11,6 +11,7 @@ mod metrics;
 pub mod notify;
 mod queue;
 mod routes;
+mod tokens;
 mod ui;
 
 use std::io::Read;

@@ -5,11 +5,12 @@
 use std::panic::AssertUnwindSafe;
 use std::time::Instant;
 
-use super::api::{self, Api, EmbedRequest};
+use super::api::{self, Api, EmbedRequest, EncodingFormat, Vectors};
 use super::errors::{excerpt, ApiError};
 use super::queue::QueueError;
-use super::App;
-use crate::models::{ErrorKind, Tokens};
+use super::{tokens, App};
+use crate::models::quantize::{self, Calibrated};
+use crate::models::{ErrorKind, Model, Tokens};
 
 /// The API's OpenAPI 3.1 document, written by hand and kept true by tests/openapi.rs.
 const OPENAPI: &str = include_str!("../../assets/openapi.json");
@@ -34,7 +35,7 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
-    fn json(body: String) -> Outgoing {
+    pub fn json(body: String) -> Outgoing {
         Outgoing {
             status: 200,
             content_type: "application/json",
@@ -164,6 +165,9 @@ pub const ROUTES: &[Route] = &[
     route("/v1/embeddings/", &["POST"], embeddings),
     route("/embeddings", &["POST"], embeddings),
     route("/embeddings/", &["POST"], embeddings),
+    route("/tokenize", &["POST"], tokens::tokenize),
+    route("/decode", &["POST"], tokens::decode),
+    route("/v1/models/{id}/quantization", &["GET"], quantization),
 ];
 
 impl Route {
@@ -241,6 +245,20 @@ fn model_card(app: &App, _: &Incoming, params: &[&str]) -> Result<Outgoing, ApiE
     Ok(Outgoing::json(api::model_card(model, app.started)))
 }
 
+fn quantization(app: &App, _: &Incoming, params: &[&str]) -> Result<Outgoing, ApiError> {
+    let model = app.queue(params[0])?.model();
+    let calibrated = quantization_ranges(model)?;
+    Ok(Outgoing::json(api::quantization_card(model, &calibrated)))
+}
+
+/// The model's int8/uint8 ranges, calibrated on first use (which takes a moment; the log says how long).
+fn quantization_ranges(model: &Model) -> Result<std::sync::Arc<Calibrated>, ApiError> {
+    model.quantization_ranges().map_err(|e| {
+        eprintln!("error: calibrating {}: {e}", model.spec.name);
+        ApiError::internal()
+    })
+}
+
 fn encode(app: &App, request: &Incoming, _: &[&str]) -> Result<Outgoing, ApiError> {
     embed(app, Api::Encode, request)
 }
@@ -257,21 +275,7 @@ fn embed(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiError> 
 }
 
 fn embed_inner(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiError> {
-    let media = request.content_type.map(|c| {
-        c.split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase()
-    });
-    if !media
-        .as_deref()
-        .is_some_and(|m| m == "application/json" || m.ends_with("+json"))
-    {
-        return Err(ApiError::unsupported_media_type(
-            request.content_type.unwrap_or(""),
-        ));
-    }
+    api::require_json(request.content_type)?;
     let body = api::parse_embed_request(request.body)?;
     let EmbedRequest {
         model,
@@ -280,6 +284,7 @@ fn embed_inner(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiE
         dimensions,
         task,
         truncate,
+        truncation_direction,
     } = body;
     let queue = app.queue(model.as_deref().unwrap_or(&app.default_model))?;
     let model = queue.model();
@@ -311,42 +316,39 @@ fn embed_inner(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiE
             ));
         }
     };
-    let prefix = match task.as_deref() {
-        // As sentence-transformers does: the model's default prompt when the request names none.
-        None => spec.default_prompt(),
-        Some(_) if spec.prompts.is_empty() => {
-            return Err(ApiError::invalid_param(
-                "task",
-                format!("{} takes no task prompts.", spec.name),
-            ))
-        }
-        Some(task) => spec.prompt(task).ok_or_else(|| {
-            let tasks: Vec<&str> = spec.prompts.iter().map(|(t, _)| t.as_str()).collect();
-            ApiError::invalid_param(
-                "task",
-                format!(
-                    "Unknown task `{}`; {} knows: {}.",
-                    excerpt(task),
-                    spec.name,
-                    tasks.join(", ")
-                ),
-            )
-        })?,
-    };
+    let prefix = api::prompt_prefix(spec, task.as_deref(), "task")?;
     let truncate = truncate.unwrap_or(limits.truncate);
+    // Compact formats are checked (and int8/uint8 calibrated) before the engine spends anything.
+    let ranges = match encoding_format {
+        EncodingFormat::Compact(precision) if precision.is_packed() && !dims.is_multiple_of(8) => {
+            return Err(ApiError::invalid_param(
+                "encoding_format",
+                format!(
+                    "{} packs 8 dimensions per byte, so it needs a width that is a multiple of 8, not {dims}; ask for other \"dimensions\" or another encoding_format.",
+                    precision.name()
+                ),
+            ));
+        }
+        EncodingFormat::Compact(precision) if precision.needs_ranges() => {
+            Some(quantization_ranges(model)?)
+        }
+        _ => None,
+    };
 
     let mut tokenized: Vec<Tokens> = Vec::with_capacity(inputs.len());
     let mut total = 0usize;
     for (index, input) in inputs.iter().enumerate() {
-        let tokens = model.tokenize(input, prefix).map_err(|e| match e.kind {
-            ErrorKind::InvalidInput => {
-                ApiError::invalid_param("input", format!("input {index}: {e}"))
-            }
-            _ => {
-                eprintln!("error: tokenising input {index} for {}: {e}", spec.name);
-                ApiError::internal()
-            }
-        })?;
+        let tokens = model
+            .tokenize(input, prefix, truncation_direction)
+            .map_err(|e| match e.kind {
+                ErrorKind::InvalidInput => {
+                    ApiError::invalid_param("input", format!("input {index}: {e}"))
+                }
+                _ => {
+                    eprintln!("error: tokenising input {index} for {}: {e}", spec.name);
+                    ApiError::internal()
+                }
+            })?;
         if !truncate && tokens.untruncated > model.max_tokens() {
             return Err(ApiError::invalid_param(
                 "input",
@@ -395,6 +397,23 @@ fn embed_inner(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiE
         })?;
     let count = pooled.len();
     let embeddings: Vec<Vec<f32>> = pooled.into_iter().map(|p| model.finish(p, dims)).collect();
+    let vectors = match encoding_format {
+        EncodingFormat::Float => Vectors::Float(embeddings),
+        EncodingFormat::Base64 => Vectors::Base64(embeddings),
+        EncodingFormat::Compact(precision) => {
+            let ranges = ranges.as_ref().and_then(|c| c.for_dims(dims));
+            let compact = embeddings
+                .iter()
+                .map(|e| quantize::quantize(e, precision, ranges))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| {
+                    // The width and the ranges were checked above; this is a bug, not the client's doing.
+                    eprintln!("error: quantising for {}: {e}", spec.name);
+                    ApiError::internal()
+                })?;
+            Vectors::Compact(compact)
+        }
+    };
     let api_label = if api == Api::Encode {
         "encode"
     } else {
@@ -402,7 +421,7 @@ fn embed_inner(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiE
     };
     app.metrics
         .record_request(&spec.name, api_label, count, total, truncated);
-    let body = api::embeddings_response(&spec.name, &embeddings, encoding_format, total);
+    let body = api::embeddings_response(&spec.name, &vectors, dims, total);
     Ok(Outgoing {
         inputs: count,
         tokens: total,
