@@ -6,6 +6,7 @@
 
 pub mod api;
 mod auth;
+mod compact;
 mod config;
 mod errors;
 mod front_door;
@@ -15,6 +16,7 @@ pub mod notify;
 mod probe;
 mod queue;
 mod routes;
+mod tokens;
 mod ui;
 
 use std::io::Read;
