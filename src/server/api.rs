@@ -1,5 +1,6 @@
 //! The API's request and response bodies: parsing `/v1/embeddings` and `/v1/encode` requests into plain
-//! values, and writing the JSON the clients expect. No tensors here, and no sockets.
+//! values, and writing the JSON the clients expect; also the pieces every dialect reads and writes JSON
+//! with (a body as an object, typed fields, inputs, float vectors). No tensors here, and no sockets.
 
 use serde_json::{json, Map, Value};
 
@@ -35,9 +36,28 @@ pub struct EmbedRequest {
     pub truncate: Option<bool>,
 }
 
-/// The deepest JSON nesting a valid request can have is 3 (`{"input": [[1, 2]]}`); serde_json stops at
-/// 128 on its own, which keeps a hostile body from exhausting the stack.
-pub fn parse_embed_request(body: &[u8]) -> Result<EmbedRequest, ApiError> {
+/// Refuses a body that is not declared JSON (415), as every embedding route but Ollama's does.
+pub fn require_json(content_type: Option<&str>) -> Result<(), ApiError> {
+    let media = content_type.map(|c| {
+        c.split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase()
+    });
+    if media
+        .as_deref()
+        .is_some_and(|m| m == "application/json" || m.ends_with("+json"))
+    {
+        Ok(())
+    } else {
+        Err(ApiError::unsupported_media_type(content_type.unwrap_or("")))
+    }
+}
+
+/// A request body as a JSON object; `example` (such as `{"input": ["text"]}`) shows in the errors.
+/// serde_json stops at a nesting of 128 on its own, which keeps a hostile body from exhausting the stack.
+pub fn json_object(body: &[u8], example: &str) -> Result<Map<String, Value>, ApiError> {
     let text = std::str::from_utf8(body).map_err(|e| {
         ApiError::invalid(format!(
             "The body is not valid UTF-8 (at byte {}).",
@@ -45,22 +65,28 @@ pub fn parse_embed_request(body: &[u8]) -> Result<EmbedRequest, ApiError> {
         ))
     })?;
     if text.trim().is_empty() {
-        return Err(ApiError::invalid(
-            "The body is empty; send a JSON object such as {\"input\": [\"text\"]}.",
-        ));
+        return Err(ApiError::invalid(format!(
+            "The body is empty; send a JSON object such as {example}."
+        )));
     }
     let value: Value = serde_json::from_str(text)
         .map_err(|e| ApiError::invalid(format!("The body is not valid JSON: {e}.")))?;
-    let Value::Object(fields) = value else {
-        return Err(ApiError::invalid(
-            "The body must be a JSON object such as {\"input\": [\"text\"]}.",
-        ));
-    };
+    match value {
+        Value::Object(fields) => Ok(fields),
+        _ => Err(ApiError::invalid(format!(
+            "The body must be a JSON object such as {example}."
+        ))),
+    }
+}
+
+/// `/v1/embeddings` and `/v1/encode`.
+pub fn parse_embed_request(body: &[u8]) -> Result<EmbedRequest, ApiError> {
+    let fields = json_object(body, r#"{"input": ["text"]}"#)?;
     // OpenAI's clients send `user`; nothing reads it, but a non-string is as malformed as anywhere else.
     optional_string(&fields, "user")?;
     Ok(EmbedRequest {
         model: optional_string(&fields, "model")?,
-        inputs: parse_inputs(fields.get("input"))?,
+        inputs: parse_inputs(fields.get("input"), "input")?,
         encoding_format: match optional_string(&fields, "encoding_format")?.as_deref() {
             None | Some("float") => EncodingFormat::Float,
             Some("base64") => EncodingFormat::Base64,
@@ -74,39 +100,44 @@ pub fn parse_embed_request(body: &[u8]) -> Result<EmbedRequest, ApiError> {
                 ))
             }
         },
-        dimensions: match fields.get("dimensions") {
-            None | Some(Value::Null) => None,
-            Some(v) => Some(
-                whole_number(v)
-                    .filter(|&d| d > 0)
-                    .map(|d| d as usize)
-                    .ok_or_else(|| {
-                        ApiError::invalid_param(
-                            "dimensions",
-                            "dimensions must be a positive integer.",
-                        )
-                    })?,
-            ),
-        },
+        dimensions: optional_positive(&fields, "dimensions")?,
         task: match optional_string(&fields, "task")? {
             Some(task) => Some(task),
             None => optional_string(&fields, "prompt_name")?,
         },
-        truncate: match fields.get("truncate") {
-            None | Some(Value::Null) => None,
-            Some(Value::Bool(b)) => Some(*b),
-            Some(_) => {
-                return Err(ApiError::invalid_param(
-                    "truncate",
-                    "truncate must be true or false.",
-                ))
-            }
-        },
+        truncate: optional_bool(&fields, "truncate")?,
     })
 }
 
+pub fn optional_bool(fields: &Map<String, Value>, key: &str) -> Result<Option<bool>, ApiError> {
+    match fields.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(_) => Err(ApiError::invalid_param(
+            key,
+            format!("{key} must be true or false."),
+        )),
+    }
+}
+
+/// A positive integer field such as `dimensions`, also when written as `384.0`.
+pub fn optional_positive(
+    fields: &Map<String, Value>,
+    key: &str,
+) -> Result<Option<usize>, ApiError> {
+    match fields.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => whole_number(v)
+            .filter(|&d| d > 0)
+            .map(|d| Some(d as usize))
+            .ok_or_else(|| {
+                ApiError::invalid_param(key, format!("{key} must be a positive integer."))
+            }),
+    }
+}
+
 /// A non-negative integer, also when written as `3.0`: JSON (and JSON Schema) make no difference.
-fn whole_number(value: &Value) -> Option<u64> {
+pub fn whole_number(value: &Value) -> Option<u64> {
     value.as_u64().or_else(|| {
         value
             .as_f64()
@@ -115,7 +146,7 @@ fn whole_number(value: &Value) -> Option<u64> {
     })
 }
 
-fn optional_string(fields: &Map<String, Value>, key: &str) -> Result<Option<String>, ApiError> {
+pub fn optional_string(fields: &Map<String, Value>, key: &str) -> Result<Option<String>, ApiError> {
     match fields.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
@@ -126,12 +157,13 @@ fn optional_string(fields: &Map<String, Value>, key: &str) -> Result<Option<Stri
     }
 }
 
-/// `input`: a string, an array of strings, an array of token ids, or an array of arrays of token ids.
-fn parse_inputs(input: Option<&Value>) -> Result<Vec<Input>, ApiError> {
+/// The inputs of a request, in the field `field`: a string, an array of strings, an array of token ids, or
+/// an array of arrays of token ids.
+pub fn parse_inputs(input: Option<&Value>, field: &str) -> Result<Vec<Input>, ApiError> {
     let shape_error = || {
         ApiError::invalid_param(
-            "input",
-            "input must be a string, an array of strings, an array of token ids, or an array of arrays of token ids.",
+            field,
+            format!("{field} must be a string, an array of strings, an array of token ids, or an array of arrays of token ids."),
         )
     };
     let token_ids = |items: &[Value]| -> Result<Vec<u32>, ApiError> {
@@ -142,7 +174,7 @@ fn parse_inputs(input: Option<&Value>) -> Result<Vec<Input>, ApiError> {
                     .and_then(|id| u32::try_from(id).ok())
                     .ok_or_else(|| {
                         ApiError::invalid_param(
-                            "input",
+                            field,
                             "token ids must be non-negative integers below 2^32.",
                         )
                     })
@@ -151,13 +183,13 @@ fn parse_inputs(input: Option<&Value>) -> Result<Vec<Input>, ApiError> {
     };
     match input {
         None | Some(Value::Null) => Err(ApiError::invalid_param(
-            "input",
-            "The body lacks \"input\".",
+            field,
+            format!("The body lacks \"{field}\"."),
         )),
         Some(Value::String(text)) => Ok(vec![Input::Text(text.clone())]),
-        Some(Value::Array(items)) if items.is_empty() => Err(ApiError::invalid_param(
-            "input",
-            "input must not be an empty array.",
+        Some(Value::Array(items)) if items.is_empty() => Err(ApiError::empty_input(
+            field,
+            format!("{field} must not be an empty array."),
         )),
         Some(Value::Array(items)) => match &items[0] {
             Value::String(_) => items
@@ -172,8 +204,8 @@ fn parse_inputs(input: Option<&Value>) -> Result<Vec<Input>, ApiError> {
             Value::Array(_) => items
                 .iter()
                 .map(|v| match v {
-                    Value::Array(ids) if ids.is_empty() => Err(ApiError::invalid_param(
-                        "input",
+                    Value::Array(ids) if ids.is_empty() => Err(ApiError::empty_input(
+                        field,
                         "a token id array must not be empty.",
                     )),
                     Value::Array(ids) => Ok(Input::Ids(token_ids(ids)?)),
@@ -210,8 +242,7 @@ pub fn embeddings_response(
             EncodingFormat::Float => write_floats(&mut out, embedding),
             EncodingFormat::Base64 => {
                 out.push('"');
-                let bytes: Vec<u8> = embedding.iter().flat_map(|x| x.to_le_bytes()).collect();
-                base64_into(&mut out, &bytes);
+                write_base64_floats(&mut out, embedding);
                 out.push('"');
             }
         }
@@ -226,14 +257,32 @@ pub fn embeddings_response(
 }
 
 /// `[x,y,…]` with each float in the shortest form that reads back to the same f32.
-fn write_floats(out: &mut String, values: &[f32]) {
+pub fn write_floats(out: &mut String, values: &[f32]) {
     let mut buffer = Vec::with_capacity(values.len() * 12);
     // Serialising a slice of finite f32 cannot fail; the engine rejects non-finite output before this.
     let _ = serde_json::to_writer(&mut buffer, values);
     out.push_str(std::str::from_utf8(&buffer).unwrap_or("[]"));
 }
 
-fn base64_into(out: &mut String, bytes: &[u8]) {
+/// The little-endian bytes of `values`, base64-encoded, as OpenAI and Cohere send float vectors.
+pub fn write_base64_floats(out: &mut String, values: &[f32]) {
+    let bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+    base64_into(out, &bytes);
+}
+
+/// `[[x,…],[y,…]]`.
+pub fn write_vectors(out: &mut String, vectors: &[Vec<f32>]) {
+    out.push('[');
+    for (i, vector) in vectors.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        write_floats(out, vector);
+    }
+    out.push(']');
+}
+
+pub fn base64_into(out: &mut String, bytes: &[u8]) {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     for chunk in bytes.chunks(3) {
         let b = [

@@ -4,11 +4,13 @@
 pub mod api;
 mod auth;
 mod config;
+mod dialects;
 mod errors;
 mod front_door;
 mod lifecycle;
 mod metrics;
 pub mod notify;
+mod pipeline;
 mod queue;
 mod routes;
 
@@ -43,6 +45,10 @@ pub struct App {
     last_request: Mutex<Instant>,
     /// `--cors-allow-origin`: the origin browsers may call from; `None` sends no CORS headers.
     cors_allow_origin: Option<String>,
+    /// Worker threads: the requests answered at once (text-embeddings-inference's `/info` reports it).
+    threads: usize,
+    /// The token budget of one engine batch (reported by `/info` too).
+    max_batch_tokens: usize,
 }
 
 impl App {
@@ -102,6 +108,8 @@ pub fn serve(config: ServeConfig, models: Vec<Model>) -> Result<(), String> {
         lifecycle: Lifecycle::new(),
         last_request: Mutex::new(Instant::now()),
         cors_allow_origin,
+        threads,
+        max_batch_tokens,
     });
 
     // One line per panic, whatever thread it happens on; the request it hit is answered 500 and logged.
@@ -265,17 +273,17 @@ fn answer(app: &App, mut request: tiny_http::Request) {
     let declared: Option<u64> = header("Content-Length").and_then(|v| v.trim().parse().ok());
     let limit = app.limits.max_body_bytes;
     let route_path = path.split('?').next().unwrap_or("").to_string();
+    // Errors met before the handler runs are still written in the shape of the route's API.
+    let error = |error| Outgoing::error_as(routes::error_shape(&route_path), error);
 
     let outgoing = match app.auth.check(&route_path, authorization.as_deref()) {
         _ if routes::is_cors_preflight(app, &method) => routes::cors_preflight(),
-        Err(error) => Outgoing::error(error),
-        Ok(()) if declared.is_some_and(|n| n > limit) => {
-            Outgoing::error(ApiError::too_large(limit))
-        }
+        Err(e) => error(e),
+        Ok(()) if declared.is_some_and(|n| n > limit) => error(ApiError::too_large(limit)),
         Ok(()) => match read_body(request.as_reader(), limit, app.limits.body_timeout) {
             // The front door cut a stalled body short: tiny_http reports that as an early end.
             Ok(body) if declared.is_some_and(|n| (body.len() as u64) < n) => {
-                Outgoing::error(ApiError::timeout_reading_body(app.limits.body_timeout))
+                error(ApiError::timeout_reading_body(app.limits.body_timeout))
             }
             Ok(body) => routes::handle(
                 app,
@@ -286,7 +294,7 @@ fn answer(app: &App, mut request: tiny_http::Request) {
                     body: &body,
                 },
             ),
-            Err(error) => Outgoing::error(error),
+            Err(e) => error(e),
         },
     };
     let outgoing = routes::with_cors(app, outgoing);

@@ -3,13 +3,12 @@
 //! answered with a 500 while the worker thread goes on.
 
 use std::panic::AssertUnwindSafe;
-use std::time::Instant;
 
 use super::api::{self, Api, EmbedRequest};
+use super::dialects::{cohere, ollama, tei, ErrorShape};
 use super::errors::{excerpt, ApiError};
-use super::queue::QueueError;
+use super::pipeline::{self, EmbedJob, Embedded, Fields, Prompt};
 use super::App;
-use crate::models::{ErrorKind, Tokens};
 
 /// The API's OpenAPI 3.1 document, written by hand and kept true by tests/openapi.rs.
 const OPENAPI: &str = include_str!("../../assets/openapi.json");
@@ -34,7 +33,7 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
-    fn json(body: String) -> Outgoing {
+    pub fn json(body: String) -> Outgoing {
         Outgoing {
             status: 200,
             content_type: "application/json",
@@ -45,14 +44,25 @@ impl Outgoing {
         }
     }
 
-    pub fn error(error: ApiError) -> Outgoing {
+    /// An error in the shape of the API `shape` names.
+    pub fn error_as(shape: ErrorShape, error: ApiError) -> Outgoing {
+        let (status, body) = shape.render(&error);
         Outgoing {
-            status: error.status,
+            status,
             content_type: "application/json",
-            body: error.body(),
-            headers: error.headers.clone(),
+            body,
+            headers: error.headers,
             inputs: 0,
             tokens: 0,
+        }
+    }
+
+    /// An embedding answer, counted for the log line.
+    pub fn embeddings(body: String, embedded: &Embedded) -> Outgoing {
+        Outgoing {
+            inputs: embedded.vectors.len(),
+            tokens: embedded.tokens,
+            ..Outgoing::json(body)
         }
     }
 }
@@ -61,9 +71,20 @@ impl Outgoing {
 pub fn handle(app: &App, request: &Incoming) -> Outgoing {
     contain_panics(
         request,
+        error_shape(request.path),
         || app.metrics.record_panic(),
         || route_request(app, request),
     )
+}
+
+/// The error shape of the route `path` (with or without its query) belongs to; OpenAI's for a path the
+/// server does not know.
+pub fn error_shape(path: &str) -> ErrorShape {
+    let path = path.split('?').next().unwrap_or("");
+    ROUTES
+        .iter()
+        .find(|route| route.matches(path).is_some())
+        .map_or(ErrorShape::OpenAi, |route| route.errors)
 }
 
 /// Whether `method` is a CORS preflight this server answers: only with `--cors-allow-origin`. Browsers send
@@ -108,12 +129,13 @@ pub fn with_cors(app: &App, mut outgoing: Outgoing) -> Outgoing {
 
 fn contain_panics(
     request: &Incoming,
+    shape: ErrorShape,
     count_panic: impl FnOnce(),
     handler: impl FnOnce() -> Result<Outgoing, ApiError>,
 ) -> Outgoing {
     match std::panic::catch_unwind(AssertUnwindSafe(handler)) {
         Ok(Ok(outgoing)) => outgoing,
-        Ok(Err(error)) => Outgoing::error(error),
+        Ok(Err(error)) => Outgoing::error_as(shape, error),
         Err(_) => {
             // The panic hook has logged the panic itself; this line ties it to the request.
             eprintln!(
@@ -122,7 +144,7 @@ fn contain_panics(
                 excerpt(request.path)
             );
             count_panic();
-            Outgoing::error(ApiError::internal())
+            Outgoing::error_as(shape, ApiError::internal())
         }
     }
 }
@@ -130,12 +152,14 @@ fn contain_panics(
 /// A handler: the app, the request, and the values of the path's `{...}` segments, in order.
 type Handler = fn(&App, &Incoming, &[&str]) -> Result<Outgoing, ApiError>;
 
-/// One row of the route table: a path, the methods it answers and its handler. In `path`, a `{name}`
-/// segment matches one non-empty path segment; everything else matches exactly.
+/// One row of the route table: a path, the methods it answers, its handler and the shape of its errors.
+/// In `path`, a `{name}` segment matches one non-empty path segment; everything else matches exactly.
 pub struct Route {
     pub path: &'static str,
     pub methods: &'static [&'static str],
     handler: Handler,
+    /// Whose error body the route answers with, whatever goes wrong (401, 405, 413, 500 included).
+    pub errors: ErrorShape,
 }
 
 const fn route(path: &'static str, methods: &'static [&'static str], handler: Handler) -> Route {
@@ -143,6 +167,17 @@ const fn route(path: &'static str, methods: &'static [&'static str], handler: Ha
         path,
         methods,
         handler,
+        errors: ErrorShape::OpenAi,
+    }
+}
+
+impl Route {
+    /// The same route, answering its errors in `shape`.
+    const fn speaking(self, shape: ErrorShape) -> Route {
+        Route {
+            errors: shape,
+            ..self
+        }
     }
 }
 
@@ -162,6 +197,17 @@ pub const ROUTES: &[Route] = &[
     route("/v1/embeddings/", &["POST"], embeddings),
     route("/embeddings", &["POST"], embeddings),
     route("/embeddings/", &["POST"], embeddings),
+    // Ollama.
+    route("/api/embed", &["POST"], ollama::embed).speaking(ErrorShape::Ollama),
+    route("/api/embeddings", &["POST"], ollama::embeddings).speaking(ErrorShape::Ollama),
+    route("/api/tags", &["GET"], ollama::tags).speaking(ErrorShape::Ollama),
+    route("/api/version", &["GET"], ollama::version).speaking(ErrorShape::Ollama),
+    // Cohere (v2).
+    route("/v2/embed", &["POST"], cohere::embed).speaking(ErrorShape::Cohere),
+    // text-embeddings-inference; `POST /` is what `InferenceClient(base_url=…)` calls.
+    route("/", &["POST"], tei::embed).speaking(ErrorShape::Tei),
+    route("/embed", &["POST"], tei::embed).speaking(ErrorShape::Tei),
+    route("/info", &["GET"], tei::info).speaking(ErrorShape::Tei),
 ];
 
 impl Route {
@@ -235,29 +281,7 @@ fn embeddings(app: &App, request: &Incoming, _: &[&str]) -> Result<Outgoing, Api
 }
 
 fn embed(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiError> {
-    let started = Instant::now();
-    let result = embed_inner(app, api, request);
-    app.metrics.record_processing(started.elapsed());
-    result
-}
-
-fn embed_inner(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiError> {
-    let media = request.content_type.map(|c| {
-        c.split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase()
-    });
-    if !media
-        .as_deref()
-        .is_some_and(|m| m == "application/json" || m.ends_with("+json"))
-    {
-        return Err(ApiError::unsupported_media_type(
-            request.content_type.unwrap_or(""),
-        ));
-    }
-    let body = api::parse_embed_request(request.body)?;
+    api::require_json(request.content_type)?;
     let EmbedRequest {
         model,
         inputs,
@@ -265,133 +289,38 @@ fn embed_inner(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiE
         dimensions,
         task,
         truncate,
-    } = body;
-    let queue = app.queue(model.as_deref().unwrap_or(&app.default_model))?;
-    let model = queue.model();
-    let spec = model.spec;
-    let limits = &app.limits;
-
-    if inputs.len() > limits.max_inputs {
-        return Err(ApiError::invalid_param(
-            "input",
-            format!(
-                "{} inputs is more than the limit of {} per request.",
-                inputs.len(),
-                limits.max_inputs
-            ),
-        ));
-    }
-    let dims = match dimensions {
-        None => model.dims(),
-        Some(d) if model.allowed_dims().contains(&d) => d,
-        Some(d) => {
-            let allowed: Vec<String> = model.allowed_dims().iter().map(usize::to_string).collect();
-            return Err(ApiError::invalid_param(
-                "dimensions",
-                format!(
-                    "{} cannot give {d} dimensions; allowed: {}.",
-                    spec.name,
-                    allowed.join(", ")
-                ),
-            ));
-        }
+    } = api::parse_embed_request(request.body)?;
+    let job = EmbedJob {
+        model,
+        inputs,
+        dimensions,
+        prompt: match task {
+            Some(name) => Prompt::Named {
+                name,
+                field: "task",
+            },
+            None => Prompt::None,
+        },
+        truncate,
+        normalize: true,
+        api: match api {
+            Api::Encode => "encode",
+            Api::OpenAi => "embeddings",
+        },
+        fields: Fields {
+            input: "input",
+            dimensions: "dimensions",
+            truncate_hint: "\"truncate\": true",
+        },
     };
-    let prefix = match task.as_deref() {
-        None => "",
-        Some(_) if spec.prompts.is_empty() => {
-            return Err(ApiError::invalid_param(
-                "task",
-                format!("{} takes no task prompts.", spec.name),
-            ))
-        }
-        Some(task) => spec.prompt(task).ok_or_else(|| {
-            let tasks: Vec<&str> = spec.prompts.iter().map(|(t, _)| *t).collect();
-            ApiError::invalid_param(
-                "task",
-                format!(
-                    "Unknown task `{}`; {} knows: {}.",
-                    excerpt(task),
-                    spec.name,
-                    tasks.join(", ")
-                ),
-            )
-        })?,
-    };
-    let truncate = truncate.unwrap_or(limits.truncate);
-
-    let mut tokenized: Vec<Tokens> = Vec::with_capacity(inputs.len());
-    let mut total = 0usize;
-    for (index, input) in inputs.iter().enumerate() {
-        let tokens = model.tokenize(input, prefix).map_err(|e| match e.kind {
-            ErrorKind::InvalidInput => {
-                ApiError::invalid_param("input", format!("input {index}: {e}"))
-            }
-            _ => {
-                eprintln!("error: tokenising input {index} for {}: {e}", spec.name);
-                ApiError::internal()
-            }
-        })?;
-        if !truncate && tokens.untruncated > model.max_tokens() {
-            return Err(ApiError::invalid_param(
-                "input",
-                format!(
-                    "input {index} has {} tokens; {} takes at most {} (send \"truncate\": true to cut it).",
-                    tokens.untruncated,
-                    spec.name,
-                    model.max_tokens()
-                ),
-            ));
-        }
-        total += tokens.ids.len();
-        if total > limits.max_request_tokens {
-            return Err(ApiError::invalid_param(
-                "input",
-                format!(
-                    "The request has more than {} tokens (the limit per request).",
-                    limits.max_request_tokens
-                ),
-            ));
-        }
-        tokenized.push(tokens);
-    }
-    let truncated = tokenized
-        .iter()
-        .filter(|t| t.untruncated > t.ids.len())
-        .count();
-    let ids: Vec<Vec<u32>> = tokenized.into_iter().map(|t| t.ids).collect();
-
-    let pooled = queue
-        .embed(ids, limits.request_timeout)
-        .map_err(|e| match e {
-            QueueError::Full => {
-                ApiError::overloaded(429, "The server's queue is full; retry shortly.", 1)
-            }
-            QueueError::TimedOut => {
-                ApiError::overloaded(503, "The request waited too long for the engine; retry.", 1)
-            }
-            QueueError::Engine(e) if e.kind == ErrorKind::InvalidInput => {
-                ApiError::invalid_param("input", e.message)
-            }
-            QueueError::Engine(e) => {
-                eprintln!("error: the engine failed for {}: {e}", spec.name);
-                ApiError::internal()
-            }
-        })?;
-    let count = pooled.len();
-    let embeddings: Vec<Vec<f32>> = pooled.into_iter().map(|p| model.finish(p, dims)).collect();
-    let api_label = if api == Api::Encode {
-        "encode"
-    } else {
-        "embeddings"
-    };
-    app.metrics
-        .record_request(spec.name, api_label, count, total, truncated);
-    let body = api::embeddings_response(spec.name, &embeddings, encoding_format, total);
-    Ok(Outgoing {
-        inputs: count,
-        tokens: total,
-        ..Outgoing::json(body)
-    })
+    let embedded = pipeline::embed(app, job)?;
+    let body = api::embeddings_response(
+        embedded.model,
+        &embedded.vectors,
+        encoding_format,
+        embedded.tokens,
+    );
+    Ok(Outgoing::embeddings(body, &embedded))
 }
 
 #[cfg(test)]
@@ -430,7 +359,12 @@ mod tests {
             body: b"",
         };
         let mut counted = 0;
-        let outgoing = contain_panics(&request, || counted += 1, || panic!("boom"));
+        let outgoing = contain_panics(
+            &request,
+            ErrorShape::OpenAi,
+            || counted += 1,
+            || panic!("boom"),
+        );
         assert_eq!((outgoing.status, counted), (500, 1));
         assert!(
             !outgoing.body.contains("boom"),

@@ -264,3 +264,48 @@ pub fn floats(value: &serde_json::Value) -> Vec<f32> {
         .map(|v| v.as_f64().unwrap() as f32)
         .collect()
 }
+
+/// The nomic-tiny fixture in ../shared/reference (a tiny random NomicBERT with nomic's own outputs).
+pub fn nomic_fixture_dir() -> PathBuf {
+    let dir = shared_dir().join("reference").join("nomic-tiny");
+    assert!(
+        dir.join("expected.json").is_file(),
+        "the nomic-tiny fixture is missing: expected {}",
+        dir.display()
+    );
+    dir
+}
+
+/// A temporary `--model-dir` holding nomic-embed-text-v1 and v1.5 as symlinks to the nomic-tiny fixture's
+/// files; removed on drop.
+pub struct NomicModelDir(pub PathBuf);
+
+impl NomicModelDir {
+    pub fn new() -> NomicModelDir {
+        static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let root = std::env::temp_dir().join(format!(
+            "embedding-server-nomic-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let fixture = nomic_fixture_dir();
+        for name in ["nomic-embed-text-v1", "nomic-embed-text-v1.5"] {
+            let dir = root.join(name);
+            std::fs::create_dir_all(&dir).unwrap();
+            for file in ["config.json", "tokenizer.json", "model.safetensors"] {
+                std::os::unix::fs::symlink(fixture.join(file), dir.join(file)).unwrap();
+            }
+        }
+        NomicModelDir(root)
+    }
+
+    pub fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for NomicModelDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

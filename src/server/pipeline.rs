@@ -1,0 +1,217 @@
+//! The one embedding pipeline every API dialect shares: from a typed request (model, inputs, width,
+//! prompt, truncation, normalisation) to finished vectors, through the limits, the tokenizer, the batching
+//! queue and the model's last steps, with the metrics recorded once. OpenAI's and the original's routes
+//! (`routes.rs`) and Ollama's, Cohere's and text-embeddings-inference's (`dialects/`) only translate their
+//! requests into an [`EmbedJob`] and the [`Embedded`] result into their answers.
+
+use std::time::Instant;
+
+use super::errors::{excerpt, ApiError};
+use super::queue::QueueError;
+use super::App;
+use crate::models::{ErrorKind, Input, Tokens};
+
+/// What a dialect asks of the pipeline.
+pub struct EmbedJob {
+    /// `None`: the server's default model.
+    pub model: Option<String>,
+    pub inputs: Vec<Input>,
+    /// `None`: the model's full width.
+    pub dimensions: Option<usize>,
+    pub prompt: Prompt,
+    /// `Some(false)` refuses over-long inputs; `None` follows `--no-truncate`.
+    pub truncate: Option<bool>,
+    /// `false` stops before the model's L2 normalisation (text-embeddings-inference's `normalize`).
+    pub normalize: bool,
+    /// The `api` label of the request metrics.
+    pub api: &'static str,
+    /// The dialect's names for its fields, so that an error points at what the client sent.
+    pub fields: Fields,
+}
+
+/// How a dialect names the fields an error may be about.
+#[derive(Debug, Clone, Copy)]
+pub struct Fields {
+    /// The inputs: `input`, `texts`, `inputs`, `prompt`.
+    pub input: &'static str,
+    /// The width: `dimensions`, `output_dimension`.
+    pub dimensions: &'static str,
+    /// What to send to have an over-long input cut, e.g. `"truncate": true`.
+    pub truncate_hint: &'static str,
+}
+
+/// Which prompt goes in front of every text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Prompt {
+    None,
+    /// A prompt the client named (`task`, `prompt_name`); a name the model lacks is an error about `field`.
+    Named {
+        name: String,
+        field: &'static str,
+    },
+    /// The first of these names the model has a prompt for, or no prompt: Cohere's `input_type`, which
+    /// every request must send whatever the model.
+    FirstOf(&'static [&'static str]),
+}
+
+/// The pipeline's answer: one vector per input, in order.
+pub struct Embedded {
+    /// The name of the model that computed them.
+    pub model: &'static str,
+    pub vectors: Vec<Vec<f32>>,
+    /// The tokens the model saw, summed over the inputs (after truncation, prompts included).
+    pub tokens: usize,
+}
+
+/// Runs one job, and records its processing time whatever the outcome.
+pub fn embed(app: &App, job: EmbedJob) -> Result<Embedded, ApiError> {
+    let started = Instant::now();
+    let result = run(app, job);
+    app.metrics.record_processing(started.elapsed());
+    result
+}
+
+fn run(app: &App, job: EmbedJob) -> Result<Embedded, ApiError> {
+    let EmbedJob {
+        model,
+        inputs,
+        dimensions,
+        prompt,
+        truncate,
+        normalize,
+        api,
+        fields,
+    } = job;
+    let queue = app.queue(model.as_deref().unwrap_or(&app.default_model))?;
+    let model = queue.model();
+    let spec = model.spec;
+    let limits = &app.limits;
+
+    if inputs.len() > limits.max_inputs {
+        return Err(ApiError::invalid_param(
+            fields.input,
+            format!(
+                "{} inputs is more than the limit of {} per request.",
+                inputs.len(),
+                limits.max_inputs
+            ),
+        ));
+    }
+    let dims = match dimensions {
+        None => model.dims(),
+        Some(d) if model.allowed_dims().contains(&d) => d,
+        Some(d) => {
+            let allowed: Vec<String> = model.allowed_dims().iter().map(usize::to_string).collect();
+            return Err(ApiError::invalid_param(
+                fields.dimensions,
+                format!(
+                    "{} cannot give {d} dimensions; allowed: {}.",
+                    spec.name,
+                    allowed.join(", ")
+                ),
+            ));
+        }
+    };
+    let prefix = match &prompt {
+        Prompt::None => "",
+        Prompt::FirstOf(names) => names.iter().find_map(|n| spec.prompt(n)).unwrap_or(""),
+        Prompt::Named { field, .. } if spec.prompts.is_empty() => {
+            return Err(ApiError::invalid_param(
+                field,
+                format!("{} takes no task prompts.", spec.name),
+            ))
+        }
+        Prompt::Named { name, field } => spec.prompt(name).ok_or_else(|| {
+            let tasks: Vec<&str> = spec.prompts.iter().map(|(t, _)| *t).collect();
+            ApiError::invalid_param(
+                field,
+                format!(
+                    "Unknown task `{}`; {} knows: {}.",
+                    excerpt(name),
+                    spec.name,
+                    tasks.join(", ")
+                ),
+            )
+        })?,
+    };
+    let truncate = truncate.unwrap_or(limits.truncate);
+
+    let mut tokenized: Vec<Tokens> = Vec::with_capacity(inputs.len());
+    let mut total = 0usize;
+    for (index, input) in inputs.iter().enumerate() {
+        let tokens = model.tokenize(input, prefix).map_err(|e| match e.kind {
+            ErrorKind::InvalidInput => {
+                ApiError::invalid_param(fields.input, format!("{} {index}: {e}", fields.input))
+            }
+            _ => {
+                eprintln!("error: tokenising input {index} for {}: {e}", spec.name);
+                ApiError::internal()
+            }
+        })?;
+        if !truncate && tokens.untruncated > model.max_tokens() {
+            return Err(ApiError::invalid_param(
+                fields.input,
+                format!(
+                    "{} {index} has {} tokens; {} takes at most {} (send {} to cut it).",
+                    fields.input,
+                    tokens.untruncated,
+                    spec.name,
+                    model.max_tokens(),
+                    fields.truncate_hint
+                ),
+            ));
+        }
+        total += tokens.ids.len();
+        if total > limits.max_request_tokens {
+            return Err(ApiError::invalid_param(
+                fields.input,
+                format!(
+                    "The request has more than {} tokens (the limit per request).",
+                    limits.max_request_tokens
+                ),
+            ));
+        }
+        tokenized.push(tokens);
+    }
+    let truncated = tokenized
+        .iter()
+        .filter(|t| t.untruncated > t.ids.len())
+        .count();
+    let ids: Vec<Vec<u32>> = tokenized.into_iter().map(|t| t.ids).collect();
+
+    let pooled = queue
+        .embed(ids, limits.request_timeout)
+        .map_err(|e| match e {
+            QueueError::Full => {
+                ApiError::overloaded(429, "The server's queue is full; retry shortly.", 1)
+            }
+            QueueError::TimedOut => {
+                ApiError::overloaded(503, "The request waited too long for the engine; retry.", 1)
+            }
+            QueueError::Engine(e) if e.kind == ErrorKind::InvalidInput => {
+                ApiError::invalid_param(fields.input, e.message)
+            }
+            QueueError::Engine(e) => {
+                eprintln!("error: the engine failed for {}: {e}", spec.name);
+                ApiError::internal()
+            }
+        })?;
+    let count = pooled.len();
+    let vectors: Vec<Vec<f32>> = pooled
+        .into_iter()
+        .map(|p| {
+            if normalize {
+                model.finish(p, dims)
+            } else {
+                model.finish_unnormalized(p, dims)
+            }
+        })
+        .collect();
+    app.metrics
+        .record_request(spec.name, api, count, total, truncated);
+    Ok(Embedded {
+        model: spec.name,
+        vectors,
+        tokens: total,
+    })
+}
