@@ -23,6 +23,7 @@ use tiny_http::{Header, Response};
 use crate::models::Model;
 use auth::Auth;
 pub use config::{AuthConfig, DoorConfig, Limits, ServeConfig};
+pub use dialects::ErrorShape;
 use errors::ApiError;
 use front_door::FrontDoor;
 use lifecycle::Lifecycle;
