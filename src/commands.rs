@@ -7,61 +7,123 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::cli::Options;
-use crate::models::{self, Input, Model, Source, CATALOG};
+use crate::models::{self, catalog, directory, Input, Model, Pooling, Source, CATALOG};
 
-/// Where `--model-dir` (or its absence) says the models come from.
-pub fn source(options: &Options) -> Source {
-    match options.text("model-dir") {
-        Some(dir) => Source::Dir(PathBuf::from(dir)),
-        None => Source::Embedded,
-    }
+/// `--pooling`: how a plain transformers directory pools.
+fn pooling(options: &Options) -> Result<Option<Pooling>, String> {
+    options
+        .text("pooling")
+        .map(|mode| {
+            Pooling::from_name(mode).ok_or_else(|| {
+                format!(
+                    "--pooling (or EMBEDDING_SERVER_POOLING) must be one of {}, not {mode:?}",
+                    Pooling::ALL.map(Pooling::name).join(", ")
+                )
+            })
+        })
+        .transpose()
 }
 
-/// Loads the models `--model` names, or every model the source has.
+/// Loads the models `--model` names, or every embedded model and every model of `--model-dir`. A name
+/// with a directory in `--model-dir` is read from there (`models::directory`), any other must be embedded.
 pub fn load_models(options: &Options) -> Result<Vec<Model>, String> {
-    let source = source(options);
-    let available: Vec<&str> = CATALOG
+    let dir = options.text("model-dir").map(PathBuf::from);
+    let pooling = pooling(options)?;
+    let in_dir = match &dir {
+        Some(dir) => directory::list(dir).map_err(|e| e.to_string())?,
+        None => Vec::new(),
+    };
+    let embedded: Vec<&str> = CATALOG
         .iter()
-        .filter(|s| source.has(s))
-        .map(|s| s.name)
+        .filter(|s| s.embedded)
+        .map(|s| s.name.as_str())
         .collect();
-    let wanted: Vec<&str> = match options.list("model") {
-        [] => available.clone(),
-        names => names.iter().map(String::as_str).collect(),
+    let wanted: Vec<String> = match options.list("model") {
+        // The directory's first: the first model is the default, and the operator pointed at them.
+        [] => in_dir
+            .iter()
+            .map(String::as_str)
+            .chain(
+                embedded
+                    .iter()
+                    .copied()
+                    .filter(|e| !in_dir.iter().any(|d| d == e)),
+            )
+            .map(String::from)
+            .collect(),
+        names => names.to_vec(),
     };
     if wanted.is_empty() {
-        return Err(match &source {
-            Source::Embedded => "this binary embeds no model; load one with --model-dir DIR".into(),
-            Source::Dir(dir) => format!(
-                "{} holds no model directory; expected DIR/<model>/config.json for one of: {}",
-                dir.display(),
-                CATALOG
-                    .iter()
-                    .map(|s| s.name)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        });
-    }
-    let mut models = Vec::new();
-    for name in wanted {
-        let spec = models::catalog::find(name)
-            .filter(|s| source.has(s))
-            .ok_or_else(|| {
-                format!(
-                    "unknown model {name:?}; available here: {}",
-                    available.join(", ")
-                )
-            })?;
-        let started = Instant::now();
-        let model = Model::load(spec, &source).map_err(|e| format!("cannot load {name}: {e}"))?;
-        eprintln!(
-            "loaded {name} in {:.0} ms",
-            started.elapsed().as_secs_f64() * 1000.0
+        return Err(
+            "this binary embeds no model; serve one with --model-dir DIR --model NAME".into(),
         );
-        models.push(model);
+    }
+    // Named models must load; of the ones found by looking through --model-dir, a directory that cannot be
+    // served (another kind of model, or one that needs --pooling) is skipped with a warning saying why.
+    let named = !options.list("model").is_empty();
+    let mut models = Vec::new();
+    for name in &wanted {
+        let root = dir.as_deref().and_then(|d| directory::locate(d, name));
+        let from_dir = root.is_some();
+        let loaded = match root {
+            Some(root) => directory::spec(&root, name, pooling)
+                .and_then(|spec| load(&spec, &Source::Dir(root))),
+            None => match catalog::find(name).filter(|s| s.embedded) {
+                Some(spec) => load(spec, &Source::Embedded),
+                None => {
+                    let mut available: Vec<String> =
+                        embedded.iter().map(|e| format!("{e} (embedded)")).collect();
+                    if let Some(dir) = &dir {
+                        available
+                            .extend(in_dir.iter().map(|d| format!("{}", dir.join(d).display())));
+                    }
+                    let where_ = match &dir {
+                        Some(dir) => {
+                            format!("neither embedded nor a directory in {}", dir.display())
+                        }
+                        None => "not embedded; serve a model directory with --model-dir DIR".into(),
+                    };
+                    return Err(format!(
+                        "unknown model {name:?}: {where_}; available here: {}",
+                        if available.is_empty() {
+                            "none".to_string()
+                        } else {
+                            available.join(", ")
+                        }
+                    ));
+                }
+            },
+        };
+        match loaded {
+            Ok(model) => models.push(model),
+            Err(e) if !named && from_dir => {
+                eprintln!(
+                    "warning: not serving {name}: {e} (name it with --model to make this an error)"
+                )
+            }
+            Err(e) => return Err(format!("cannot load {name}: {e}")),
+        }
+    }
+    if models.is_empty() {
+        return Err("no model could be loaded; see the warnings above".into());
     }
     Ok(models)
+}
+
+/// Loads one model, logging where from and how long it took.
+fn load(spec: &models::ModelSpec, source: &Source) -> Result<Model, models::ModelError> {
+    let started = Instant::now();
+    let model = Model::load(spec, source)?;
+    eprintln!(
+        "loaded {} from {} in {:.0} ms",
+        spec.name,
+        match source {
+            Source::Embedded => "this binary".to_string(),
+            Source::Dir(_) => source.model_dir(spec).display().to_string(),
+        },
+        started.elapsed().as_secs_f64() * 1000.0
+    );
+    Ok(model)
 }
 
 /// `embedding-server models`
@@ -70,17 +132,13 @@ pub fn list_models() {
         "{:<24} {:>5} {:>10} {:>12}  {:<8}  sha256 of model.safetensors",
         "MODEL", "DIMS", "MAX TOKENS", "EMBEDDED", "ARCH"
     );
-    for spec in CATALOG {
+    for spec in CATALOG.iter() {
         let size = if spec.embedded {
             format!("{} B", models::embedded_size(spec))
         } else {
             "no".to_string()
         };
-        let weights = spec
-            .files
-            .iter()
-            .find(|f| f.name == "model.safetensors")
-            .map_or("", |f| f.sha256);
+        let weights = spec.pin("model.safetensors");
         println!(
             "{:<24} {:>5} {:>10} {:>12}  {:<8}  {}",
             spec.name,
@@ -102,11 +160,18 @@ pub fn export_models(dir: &std::path::Path, options: &Options) -> Result<(), Str
     let wanted = options.list("model");
     let mut exported = 0;
     for spec in CATALOG.iter().filter(|s| s.embedded) {
-        if !wanted.is_empty() && !wanted.iter().any(|w| w == spec.name) {
+        if !wanted.is_empty() && !wanted.contains(&spec.name) {
             continue;
         }
         for path in models::export(spec, &Source::Embedded, dir).map_err(|e| e.to_string())? {
             println!("{}", path.display());
+        }
+        if directory::sentence_transformers_files(spec).is_none() {
+            eprintln!(
+                "note: {} is written without sentence-transformers files: its layer norm between pooling and \
+                 normalisation has no sentence-transformers module; --model-dir applies the catalog's recipe",
+                spec.name
+            );
         }
         exported += 1;
     }

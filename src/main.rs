@@ -17,7 +17,7 @@ fn main() {
         Ok(Command::Version) => {
             println!("embedding-server {}", env!("CARGO_PKG_VERSION"));
             for spec in models::CATALOG.iter().filter(|s| s.embedded) {
-                println!("  {} = {}@{}", spec.name, spec.hub_repo, spec.hub_revision);
+                println!("  {} = {}", spec.name, spec.revision());
             }
             Ok(())
         }

@@ -110,6 +110,53 @@ fn export_models_round_trips_through_model_dir() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The exported sentence-transformers files, read back under a name the catalog does not know (so that
+/// nothing but those files says how the model pools), give the catalog's recipe and its vectors.
+#[test]
+fn exported_sentence_transformers_files_read_back_as_the_catalogs_recipe() {
+    use embedding_server::models::{catalog, directory, Input, Model, Pooling, Source};
+    let dir =
+        std::env::temp_dir().join(format!("embedding-server-st-files-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (ok, stdout, stderr) = run(&["export-models", dir.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    for file in [
+        "modules.json",
+        "1_Pooling/config.json",
+        "2_Normalize/config.json",
+        "sentence_bert_config.json",
+        "config_sentence_transformers.json",
+    ] {
+        assert!(stdout.contains(file), "{file} is not written: {stdout}");
+    }
+    std::fs::rename(dir.join("all-MiniLM-L6-v2"), dir.join("minilm-copy")).unwrap();
+    let spec = directory::spec(&dir, "minilm-copy", None).unwrap();
+    let catalog = catalog::find("all-MiniLM-L6-v2").unwrap();
+    assert_eq!(spec.pooling, Pooling::Mean);
+    assert_eq!(
+        (
+            spec.normalize,
+            spec.max_tokens,
+            spec.dims,
+            spec.architecture
+        ),
+        (
+            catalog.normalize,
+            catalog.max_tokens,
+            catalog.dims,
+            catalog.architecture
+        )
+    );
+    assert_eq!(spec.prompts, catalog.prompts);
+    let model = Model::load(&spec, &Source::Dir(dir.clone())).unwrap();
+    let case = reference_case("boundary-257");
+    let got = model
+        .embed(&[Input::Text(case["text"].as_str().unwrap().into())])
+        .unwrap();
+    assert!(cosine(&got[0], &floats(&case["embedding"])) >= 0.99999);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn help_version_and_models_describe_the_binary() {
     let (ok, help, _) = run(&["--help"]);

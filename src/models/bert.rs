@@ -1,4 +1,5 @@
-//! BERT (all-MiniLM-L6-v2): absolute position embeddings, post-norm layers, exact erf-GELU.
+//! BERT (all-MiniLM-L6-v2, bge, e5, gte, …): absolute position embeddings, post-norm layers, the GELU
+//! config.json names (erf or tanh form), any size, pooled as the model says.
 //!
 //! The batch runs unpadded: every dense layer works on the packed `[total tokens, hidden]` matrix of all
 //! sequences, attention runs per sequence, and the sequences are split between the cores by cost so that
@@ -8,8 +9,10 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde_json::Value;
 
-use super::kernels::{self, Attention, LayerNorm, Linear, Threads};
-use super::{Encoder, ModelError};
+use super::catalog::Pooling;
+use super::config::{self, ModelConfig};
+use super::kernels::{self, Activation, Attention, LayerNorm, Linear, Threads};
+use super::{pooling, Encoder, ModelError};
 
 /// The hyper-parameters read from the model's config.json.
 struct Config {
@@ -19,17 +22,44 @@ struct Config {
     intermediate: usize,
     max_positions: usize,
     vocab: usize,
+    /// Rows of the token-type table; every input is one segment, of type 0.
+    token_types: usize,
     eps: f64,
+    activation: Activation,
 }
 
 impl Config {
-    fn parse(config: &Value) -> Result<Config, ModelError> {
-        let int = |key: &str| super::config_usize(config, key);
-        let act = config["hidden_act"].as_str().unwrap_or("gelu");
-        if act != "gelu" {
-            return Err(ModelError::new(format!(
-                "unsupported BERT hidden_act {act:?} (only the exact \"gelu\")"
-            )));
+    fn parse(model: &ModelConfig) -> Result<Config, ModelError> {
+        let int = |key: &str| model.usize(key);
+        let json = model.json();
+        let activation = match &json["hidden_act"] {
+            Value::Null => Activation::Gelu,
+            Value::String(act) => match act.as_str() {
+                // transformers' "gelu": the exact erf form.
+                "gelu" => Activation::Gelu,
+                // "gelu_new" (written out with tanh) and "gelu_pytorch_tanh" (PyTorch's
+                // approximate="tanh") compute the same tanh approximation.
+                "gelu_new" | "gelu_pytorch_tanh" => Activation::GeluTanh,
+                other => {
+                    return Err(ModelError::new(format!(
+                        "config.json: BERT hidden_act {other:?} is not supported (gelu, gelu_new and \
+                         gelu_pytorch_tanh are)"
+                    )))
+                }
+            },
+            other => {
+                return Err(ModelError::new(format!(
+                    "config.json: hidden_act {other} is not supported (gelu, gelu_new and gelu_pytorch_tanh are)"
+                )))
+            }
+        };
+        match json["position_embedding_type"].as_str() {
+            None | Some("absolute") => {}
+            Some(other) => {
+                return Err(ModelError::new(format!(
+                    "config.json: position_embedding_type {other:?} is not supported (only \"absolute\")"
+                )))
+            }
         }
         let config = Config {
             hidden: int("hidden_size")?,
@@ -38,8 +68,18 @@ impl Config {
             intermediate: int("intermediate_size")?,
             max_positions: int("max_position_embeddings")?,
             vocab: int("vocab_size")?,
-            eps: config["layer_norm_eps"].as_f64().unwrap_or(1e-12),
+            token_types: match json["type_vocab_size"] {
+                Value::Null => 2,
+                _ => int("type_vocab_size")?,
+            },
+            eps: config::f64_or(json, "layer_norm_eps", 1e-12)?,
+            activation,
         };
+        if config.token_types == 0 {
+            return Err(ModelError::new(
+                "config.json: type_vocab_size must be at least 1",
+            ));
+        }
         if config.heads == 0 || !config.hidden.is_multiple_of(config.heads) {
             return Err(ModelError::new(
                 "config.json: hidden_size must be a multiple of num_attention_heads",
@@ -175,12 +215,18 @@ pub struct Bert {
     token_type_embedding: Vec<f32>,
     embedding_norm: LayerNorm,
     layers: Vec<Layer>,
+    pooling: Pooling,
     /// Scratches of earlier batches, one per core that ran a share.
     scratch: std::sync::Mutex<Vec<Scratch>>,
 }
 
 impl Bert {
-    pub fn load(config: &Value, weights: &[u8]) -> Result<Bert, ModelError> {
+    /// `weights` may hold f32, f16 or bf16 tensors (widened to f32 here), with or without the `bert.` prefix.
+    pub fn load(
+        config: &ModelConfig,
+        weights: &[u8],
+        pooling: Pooling,
+    ) -> Result<Bert, ModelError> {
         let c = Config::parse(config)?;
         let vb = VarBuilder::from_slice_safetensors(weights, DType::F32, &Device::Cpu)
             .map_err(|e| ModelError::new(format!("model.safetensors cannot be read: {e}")))?;
@@ -204,11 +250,12 @@ impl Bert {
                 )?,
                 token_type_embedding: to_vec(
                     embeddings
-                        .get((2, c.hidden), "token_type_embeddings.weight")?
+                        .get((c.token_types, c.hidden), "token_type_embeddings.weight")?
                         .get(0)?,
                 )?,
                 embedding_norm: layer_norm(embeddings.pp("LayerNorm"), c.hidden, c.eps)?,
                 layers,
+                pooling,
                 config: c,
                 scratch: std::sync::Mutex::new(Vec::new()),
             })
@@ -226,7 +273,7 @@ impl Bert {
     }
 
     /// Runs `sequences` through the network on the calling thread (its GEMMs using `threads`); returns
-    /// their mean-pooled final states.
+    /// their pooled final states.
     fn forward(&self, sequences: &[&[u32]], threads: Threads) -> Vec<Vec<f32>> {
         let c = &self.config;
         let lengths: Vec<usize> = sequences.iter().map(|s| s.len()).collect();
@@ -289,7 +336,7 @@ impl Bert {
         for layer in &self.layers {
             self.layer(layer, &attention, lengths, &mut buffers, threads);
         }
-        kernels::mean_rows(buffers.states, hidden, lengths)
+        pooling::pool(buffers.states, hidden, lengths, self.pooling)
     }
 
     fn layer(
@@ -318,9 +365,13 @@ impl Bert {
             .attention_out
             .forward_residual(s.context, s.states, tokens, threads);
         layer.attention_norm.forward(s.states);
-        layer
-            .intermediate
-            .forward_gelu(s.states, s.inner, tokens, threads);
+        layer.intermediate.forward_activation(
+            s.states,
+            s.inner,
+            tokens,
+            self.config.activation,
+            threads,
+        );
         layer
             .output
             .forward_residual(s.inner, s.states, tokens, threads);

@@ -56,10 +56,15 @@ fn release_pages(bytes: &[u8]) {
     }
 }
 
+/// Whether this build compiled in the files of the model `name` (build.rs stages exactly those).
+pub fn has(name: &str) -> bool {
+    EMBEDDED.get_dir(name).is_some()
+}
+
 /// The compressed size of the embedded files of `spec`, for `embedding-server models`.
 pub fn compressed_size(spec: &ModelSpec) -> u64 {
     EMBEDDED
-        .get_dir(spec.name)
+        .get_dir(&spec.name)
         .map(|dir| dir.files().map(|f| f.contents().len() as u64).sum())
         .unwrap_or(0)
 }

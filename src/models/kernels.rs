@@ -1,7 +1,7 @@
 //! Fast f32 CPU kernels shared by the encoder architectures: dense layers on packed token matrices (the
 //! `gemm` crate, called directly so that bias and residual land in the output without extra tensors),
 //! per-sequence multi-head attention without padding, and the row-wise operations (layer norm, softmax,
-//! exact erf-GELU) compiled for AVX-512 / AVX2 at run time, with a portable fallback.
+//! GELU in its erf and tanh forms) compiled for AVX-512 / AVX2 at run time, with a portable fallback.
 //!
 //! Everything works on plain row-major `f32` slices: a matrix of `rows × cols` is `rows` consecutive rows.
 
@@ -23,6 +23,15 @@ impl Threads {
             _ => Parallelism::None,
         }
     }
+}
+
+/// The activation of an MLP, as a model's config.json names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `x·Φ(x)` with the exact erf (transformers' "gelu").
+    Gelu,
+    /// `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))` (transformers' "gelu_new" and "gelu_pytorch_tanh").
+    GeluTanh,
 }
 
 /// A strided view of a matrix for the GEMM: element (i, j) is at `offset + i·row_stride + j·col_stride`.
@@ -171,10 +180,21 @@ impl Linear {
         self.accumulate(x, out, rows, threads);
     }
 
-    /// `out = GELU(x · Wᵀ + b)` (exact erf form), the bias added in the GELU's own pass over `out`.
-    pub fn forward_gelu(&self, x: &[f32], out: &mut [f32], rows: usize, threads: Threads) {
+    /// `out = act(x · Wᵀ + b)`, the bias added in the activation's own pass over `out`.
+    pub fn forward_activation(
+        &self,
+        x: &[f32],
+        out: &mut [f32],
+        rows: usize,
+        activation: Activation,
+        threads: Threads,
+    ) {
         self.product(x, out, rows, false, threads);
-        bias_gelu_rows(&mut out[..rows * self.outputs], &self.bias);
+        let out = &mut out[..rows * self.outputs];
+        match activation {
+            Activation::Gelu => bias_gelu_rows(out, &self.bias),
+            Activation::GeluTanh => bias_gelu_tanh_rows(out, &self.bias),
+        }
     }
 
     /// `out += x · Wᵀ + b`: the residual connection folded into the layer's output.
@@ -447,6 +467,30 @@ vectorised! {
     }
 }
 
+/// tanh(x) in f32 from [`exp`], branch-free: 1 − 2/(e^{2x} + 1), absolute error about 1e-7 (the form
+/// saturates cleanly to ±1 where e^{2x} overflows or vanishes).
+#[inline(always)]
+pub fn tanh(x: f32) -> f32 {
+    1.0 - 2.0 / (exp(2.0 * x) + 1.0)
+}
+
+vectorised! {
+    /// The tanh approximation of GELU, `0.5·y·(1 + tanh(√(2/π)·(y + 0.044715·y³)))` with `y = x + bias`,
+    /// for every row of `xs` (rows as wide as `bias`), in place.
+    pub fn bias_gelu_tanh_rows(xs: &mut [f32], bias: &[f32]) {
+        const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+        if bias.is_empty() {
+            return;
+        }
+        for row in xs.chunks_exact_mut(bias.len()) {
+            for (x, b) in row.iter_mut().zip(bias) {
+                let y = *x + *b;
+                *x = 0.5 * y * (1.0 + tanh(SQRT_2_OVER_PI * (y + 0.044_715 * y * y * y)));
+            }
+        }
+    }
+}
+
 vectorised! {
     /// `xs += ys`, element by element.
     pub fn add_assign(xs: &mut [f32], ys: &[f32]) {
@@ -492,26 +536,6 @@ vectorised! {
             }
         }
     }
-}
-
-/// Mean of each sequence's rows: `rows` holds the sequences' states back to back, `lengths` says how many
-/// rows each has. Sums in f64, as the pooled vector is the one output every client sees.
-pub fn mean_rows(rows: &[f32], width: usize, lengths: &[usize]) -> Vec<Vec<f32>> {
-    let mut start = 0;
-    lengths
-        .iter()
-        .map(|&len| {
-            let mut sum = vec![0f64; width];
-            for row in rows[start * width..(start + len) * width].chunks_exact(width) {
-                for (s, &x) in sum.iter_mut().zip(row) {
-                    *s += f64::from(x);
-                }
-            }
-            start += len;
-            let count = len.max(1) as f64;
-            sum.into_iter().map(|s| (s / count) as f32).collect()
-        })
-        .collect()
 }
 
 /// Splits work items of the given costs into at most `parts` groups of similar total cost (largest first,
@@ -591,6 +615,24 @@ mod tests {
                 "gelu({x})"
             );
         }
+    }
+
+    #[test]
+    fn tanh_gelu_matches_its_formula_in_f64() {
+        let xs: Vec<f32> = (0..24_000).map(|i| -12.0 + i as f32 * 0.001).collect();
+        let mut gelu = xs.clone();
+        bias_gelu_tanh_rows(&mut gelu, &[0.0]);
+        for (&x, &g) in xs.iter().zip(&gelu) {
+            let x = f64::from(x);
+            let inner = (2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3));
+            let exact = 0.5 * x * (1.0 + inner.tanh());
+            assert!(
+                (f64::from(g) - exact).abs() <= 3e-7 * x.abs().max(1.0),
+                "gelu_tanh({x}): {g} vs {exact}"
+            );
+        }
+        assert_eq!(tanh(100.0), 1.0);
+        assert_eq!(tanh(-100.0), -1.0);
     }
 
     #[test]

@@ -4,8 +4,11 @@
 mod bert;
 pub mod byte_planes;
 pub mod catalog;
+mod config;
+pub mod directory;
 mod embedded;
 pub mod kernels;
+mod manifest;
 mod nomic_bert;
 mod pooling;
 mod tokenize;
@@ -16,7 +19,8 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use catalog::Architecture;
-pub use catalog::{ModelSpec, CATALOG};
+pub use catalog::{ModelSpec, Pooling, CATALOG};
+use config::ModelConfig;
 use tokenize::TextTokenizer;
 
 /// What went wrong, and whose fault it was.
@@ -107,23 +111,20 @@ impl Source {
     pub fn read(&self, spec: &ModelSpec, file: &str) -> Result<Vec<u8>, ModelError> {
         let bytes = match self {
             Source::Embedded => embedded::read(spec, file)?,
-            Source::Dir(dir) => {
-                let path = dir.join(spec.name).join(file);
+            Source::Dir(_) => {
+                let path = self.model_dir(spec).join(file);
                 std::fs::read(&path)
                     .map_err(|e| ModelError::new(format!("cannot read {}: {e}", path.display())))?
             }
         };
-        let pinned = spec
-            .files
-            .iter()
-            .find(|f| f.name == file)
-            .map_or("", |f| f.sha256);
+        let pinned = spec.pin(file);
         if !pinned.is_empty() {
             let actual = sha256_hex(&bytes);
             if actual != pinned {
                 return Err(ModelError::new(format!(
-                    "{}/{file} has sha256 {actual}, but the catalog pins {pinned}: these are not the files of {}@{}",
-                    spec.name, spec.hub_repo, spec.hub_revision
+                    "{}/{file} has sha256 {actual}, but the catalog pins {pinned}: these are not the files of {}",
+                    spec.name,
+                    spec.revision()
                 )));
             }
         }
@@ -134,17 +135,17 @@ impl Source {
     pub fn has(&self, spec: &ModelSpec) -> bool {
         match self {
             Source::Embedded => spec.embedded,
-            Source::Dir(dir) => dir.join(spec.name).join("config.json").is_file(),
+            Source::Dir(_) => self.model_dir(spec).join("config.json").is_file(),
         }
     }
-}
 
-/// An integer of a model's config.json, or an error naming the missing key.
-fn config_usize(config: &serde_json::Value, key: &str) -> Result<usize, ModelError> {
-    config[key]
-        .as_u64()
-        .map(|v| v as usize)
-        .ok_or_else(|| ModelError::new(format!("config.json lacks the integer \"{key}\"")))
+    /// `DIR/<model>` for a directory source; the empty path for the embedded copy.
+    pub fn model_dir(&self, spec: &ModelSpec) -> PathBuf {
+        match self {
+            Source::Embedded => PathBuf::new(),
+            Source::Dir(dir) => dir.join(&spec.name),
+        }
+    }
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -161,7 +162,9 @@ pub fn embedded_size(spec: &ModelSpec) -> u64 {
 
 /// A loaded model: tokenizer, weights and the catalog's promises.
 pub struct Model {
-    pub spec: &'static ModelSpec,
+    pub spec: ModelSpec,
+    /// Where its files were read from.
+    pub source: Source,
     tokenizer: TextTokenizer,
     encoder: Box<dyn Encoder>,
     max_tokens: usize,
@@ -171,23 +174,27 @@ pub struct Model {
 }
 
 impl Model {
-    pub fn load(spec: &'static ModelSpec, source: &Source) -> Result<Model, ModelError> {
-        let config = source.read(spec, "config.json")?;
-        let config: serde_json::Value = serde_json::from_slice(&config).map_err(|e| {
-            ModelError::new(format!("{}/config.json is not valid JSON: {e}", spec.name))
-        })?;
+    pub fn load(spec: &ModelSpec, source: &Source) -> Result<Model, ModelError> {
+        let config = ModelConfig::parse(&source.read(spec, "config.json")?)
+            .map_err(|e| ModelError::new(format!("{}: {e}", spec.name)))?;
+        if config.architecture != spec.architecture {
+            return Err(ModelError::new(format!(
+                "{}/config.json describes a {} model, but the catalog says {}",
+                spec.name,
+                config.architecture.model_type(),
+                spec.architecture.model_type()
+            )));
+        }
         let tokenizer = TextTokenizer::from_bytes(&source.read(spec, "tokenizer.json")?)?;
         let weights = source.read(spec, "model.safetensors")?;
-        let (encoder, width): (Box<dyn Encoder>, usize) = match spec.architecture {
-            Architecture::Bert => {
-                let width = config["hidden_size"].as_u64().unwrap_or(0) as usize;
-                (Box::new(bert::Bert::load(&config, &weights)?), width)
-            }
-            Architecture::NomicBert => {
-                let encoder = nomic_bert::NomicBert::load(&config, &weights)?;
-                let width = encoder.hidden_size();
-                (Box::new(encoder), width)
-            }
+        let width = config.width()?;
+        let encoder: Box<dyn Encoder> = match spec.architecture {
+            Architecture::Bert => Box::new(bert::Bert::load(&config, &weights, spec.pooling)?),
+            Architecture::NomicBert => Box::new(nomic_bert::NomicBert::load(
+                &config,
+                &weights,
+                spec.pooling,
+            )?),
         };
         if width != spec.dims {
             eprintln!(
@@ -197,7 +204,8 @@ impl Model {
         }
         let max_tokens = spec.max_tokens.min(encoder.max_positions());
         Ok(Model {
-            spec,
+            spec: spec.clone(),
+            source: source.clone(),
             tokenizer,
             encoder,
             max_tokens,
@@ -267,20 +275,21 @@ impl Model {
 
     /// The embedding of width `dims` (one of [`Model::allowed_dims`]) from a pooled vector.
     pub fn finish(&self, pooled: Vec<f32>, dims: usize) -> Vec<f32> {
-        pooling::finish(self.spec, pooled, dims)
+        pooling::finish(&self.spec, pooled, dims)
     }
 
     /// [`Model::finish`] without the final L2 normalisation (for a model that has one): the v1.5 layer
     /// norm and the cut to `dims` still apply.
     pub fn finish_unnormalized(&self, pooled: Vec<f32>, dims: usize) -> Vec<f32> {
-        pooling::finish_unnormalized(self.spec, pooled, dims)
+        pooling::finish_unnormalized(&self.spec, pooled, dims)
     }
 
-    /// Tokenise, encode and finish in one call, at full width.
+    /// Tokenise (with the model's default prompt, if it has one), encode and finish in one call, at full
+    /// width: what sentence-transformers' `encode` gives.
     pub fn embed(&self, inputs: &[Input]) -> Result<Vec<Vec<f32>>, ModelError> {
         let tokens = inputs
             .iter()
-            .map(|input| self.tokenize(input, ""))
+            .map(|input| self.tokenize(input, self.spec.default_prompt()))
             .collect::<Result<Vec<_>, _>>()?;
         let batch: Vec<&[u32]> = tokens.iter().map(|t| t.ids.as_slice()).collect();
         let pooled = self.encode(&batch)?;
@@ -291,22 +300,27 @@ impl Model {
     }
 }
 
-/// Writes every file of `spec` from `source` to `dir/<name>/`, verified; returns the paths written.
-pub fn export(
-    spec: &'static ModelSpec,
-    source: &Source,
-    dir: &Path,
-) -> Result<Vec<PathBuf>, ModelError> {
-    let target = dir.join(spec.name);
-    std::fs::create_dir_all(&target)
-        .map_err(|e| ModelError::new(format!("cannot create {}: {e}", target.display())))?;
+/// Writes every file of `spec` from `source` to `dir/<name>/`, verified, and the sentence-transformers files
+/// that describe it (where sentence-transformers can express its recipe); returns the paths written.
+pub fn export(spec: &ModelSpec, source: &Source, dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
+    let target = dir.join(&spec.name);
     let mut written = Vec::new();
-    for file in spec.files {
-        let bytes = source.read(spec, file.name)?;
-        let path = target.join(file.name);
-        std::fs::write(&path, &bytes)
+    let mut write = |name: &str, bytes: &[u8]| -> Result<(), ModelError> {
+        let path = target.join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| ModelError::new(format!("cannot create {}: {e}", parent.display())))?;
+        }
+        std::fs::write(&path, bytes)
             .map_err(|e| ModelError::new(format!("cannot write {}: {e}", path.display())))?;
         written.push(path);
+        Ok(())
+    };
+    for file in &spec.files {
+        write(&file.name, &source.read(spec, &file.name)?)?;
+    }
+    for (name, text) in directory::sentence_transformers_files(spec).unwrap_or_default() {
+        write(&name, text.as_bytes())?;
     }
     Ok(written)
 }

@@ -9,6 +9,8 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{ops, rotary_emb, Linear, VarBuilder};
 use serde_json::Value;
 
+use super::catalog::Pooling;
+use super::config::ModelConfig;
 use super::pooling;
 use super::{Encoder, ModelError};
 
@@ -39,7 +41,7 @@ struct Config {
 
 impl Config {
     fn parse(config: &Value) -> Result<Config, ModelError> {
-        let int = |key: &str| super::config_usize(config, key);
+        let int = |key: &str| super::config::usize_of(config, key);
         let unsupported = |key: &str, found: &Value, supported: &str| {
             ModelError::new(format!(
                 "config.json: NomicBERT with {key} = {found} is not supported (only {supported})"
@@ -283,11 +285,16 @@ pub struct NomicBert {
     embedding_norm: LayerNorm,
     layers: Vec<Layer>,
     rotary: Rotary,
+    pooling: Pooling,
 }
 
 impl NomicBert {
-    pub fn load(config: &Value, weights: &[u8]) -> Result<NomicBert, ModelError> {
-        let c = Config::parse(config)?;
+    pub fn load(
+        config: &ModelConfig,
+        weights: &[u8],
+        pooling: Pooling,
+    ) -> Result<NomicBert, ModelError> {
+        let c = Config::parse(config.json())?;
         let vb = VarBuilder::from_slice_safetensors(weights, DType::F32, &Device::Cpu)
             .map_err(|e| ModelError::new(format!("model.safetensors cannot be read: {e}")))?;
         let load = || -> candle_core::Result<NomicBert> {
@@ -304,6 +311,7 @@ impl NomicBert {
                 embedding_norm: LayerNorm::load(vb.pp("emb_ln"), c.hidden, c.eps)?,
                 layers,
                 rotary: Rotary::new(&c)?,
+                pooling,
                 config: c,
             })
         };
@@ -312,11 +320,7 @@ impl NomicBert {
         })
     }
 
-    pub fn hidden_size(&self) -> usize {
-        self.config.hidden
-    }
-
-    /// Runs sequences laid end to end; returns their mean-pooled final states.
+    /// Runs sequences laid end to end; returns their pooled final states.
     fn forward(&self, batch: &[&[u32]]) -> candle_core::Result<Vec<Vec<f32>>> {
         let mut spans = Vec::with_capacity(batch.len());
         let mut ids = Vec::new();
@@ -337,11 +341,14 @@ impl NomicBert {
         for layer in &self.layers {
             xs = layer.forward(&xs, &spans, &self.config, &self.rotary)?;
         }
-        let states = xs.to_vec2::<f32>()?;
-        Ok(spans
-            .iter()
-            .map(|&(start, len)| pooling::mean(&states[start..start + len]))
-            .collect())
+        let states = xs.flatten_all()?.to_vec1::<f32>()?;
+        let lengths: Vec<usize> = spans.iter().map(|&(_, len)| len).collect();
+        Ok(pooling::pool(
+            &states,
+            self.config.hidden,
+            &lengths,
+            self.pooling,
+        ))
     }
 }
 

@@ -5,7 +5,7 @@
 use serde_json::{json, Map, Value};
 
 use super::errors::{excerpt, ApiError};
-use crate::models::{Input, Model};
+use crate::models::{Input, Model, Source};
 
 /// Which of the two embedding APIs a request came through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -301,28 +301,64 @@ pub fn base64_into(out: &mut String, bytes: &[u8]) {
     }
 }
 
+/// `GET /v1/info`: what is running and for how long.
+pub fn info(started: u64, uptime_seconds: u64) -> String {
+    json!({
+        "name": env!("CARGO_PKG_NAME"),
+        "version": env!("CARGO_PKG_VERSION"),
+        "started": started,
+        "uptime_seconds": uptime_seconds,
+    })
+    .to_string()
+}
+
 /// `GET /v1/models`: exactly the original's shape.
 pub fn models_list(names: &[&str]) -> String {
     json!({"object": "list", "data": names}).to_string()
 }
 
-/// `GET /v1/models/{id}`.
+/// `GET /v1/models/{id}`: the model and what was read about it (pooling, normalisation, length, prompts,
+/// where its files are).
 pub fn model_card(model: &Model, created: u64) -> String {
-    let spec = model.spec;
-    let tasks: Vec<&str> = spec.prompts.iter().map(|(task, _)| *task).collect();
+    let spec = &model.spec;
+    let tasks: Vec<&str> = spec.prompts.iter().map(|(task, _)| task.as_str()).collect();
+    let prompts: Map<String, Value> = spec
+        .prompts
+        .iter()
+        .map(|(task, prefix)| (task.clone(), Value::from(prefix.as_str())))
+        .collect();
+    let (owner, revision) = match &spec.hub {
+        Some((repo, _)) => (
+            repo.split('/').next().unwrap_or("embedding-server"),
+            Value::from(spec.revision()),
+        ),
+        None => ("embedding-server", Value::Null),
+    };
+    let (source, directory) = match &model.source {
+        Source::Embedded => ("embedded", Value::Null),
+        Source::Dir(_) => (
+            "directory",
+            Value::from(model.source.model_dir(spec).display().to_string()),
+        ),
+    };
     json!({
         "id": spec.name,
         "object": "model",
         "created": created,
-        "owned_by": spec.hub_repo.split('/').next().unwrap_or("embedding-server"),
+        "owned_by": owner,
         "dims": model.dims(),
         "dimensions": model.allowed_dims(),
         "matryoshka": !spec.matryoshka_dims.is_empty(),
         "max_tokens": model.max_tokens(),
         "tasks": tasks,
+        "prompts": prompts,
+        "default_prompt_name": spec.default_prompt_name,
+        "pooling": spec.pooling.name(),
         "architecture": format!("{:?}", spec.architecture),
-        "revision": format!("{}@{}", spec.hub_repo, spec.hub_revision),
+        "revision": revision,
         "normalized": spec.normalize,
+        "source": source,
+        "directory": directory,
     })
     .to_string()
 }

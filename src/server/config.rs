@@ -22,6 +22,8 @@ pub struct ServeConfig {
     pub auth: AuthConfig,
     /// `--cors-allow-origin`: the origin browsers may call from; `None` sends no CORS headers.
     pub cors_allow_origin: Option<String>,
+    /// Whether `/` serves the page (`--no-ui` turns it off).
+    pub ui: bool,
 }
 
 /// The limits every request is held to.

@@ -13,6 +13,7 @@ pub mod notify;
 mod pipeline;
 mod queue;
 mod routes;
+mod ui;
 
 use std::io::Read;
 use std::sync::{Arc, Mutex};
@@ -38,8 +39,12 @@ pub struct App {
     default_model: String,
     limits: Limits,
     metrics: Arc<Metrics>,
-    /// Unix time the server started, reported as the models' `created`.
+    /// Unix time the server started, reported as the models' `created` and by `/v1/info`.
     started: u64,
+    /// The same moment on the monotonic clock, for `/v1/info`'s uptime.
+    up_since: Instant,
+    /// The page at `/`; `None` with `--no-ui`.
+    ui: Option<ui::Page>,
     auth: Auth,
     lifecycle: Lifecycle,
     /// When a worker last picked up a request: the drain waits for a quiet moment before exiting.
@@ -54,7 +59,10 @@ pub struct App {
 
 impl App {
     fn model_names(&self) -> Vec<&str> {
-        self.queues.iter().map(|q| q.model().spec.name).collect()
+        self.queues
+            .iter()
+            .map(|q| q.model().spec.name.as_str())
+            .collect()
     }
 
     fn queue(&self, name: &str) -> Result<&BatchQueue, ApiError> {
@@ -77,6 +85,7 @@ pub fn serve(config: ServeConfig, models: Vec<Model>) -> Result<(), String> {
         shutdown_timeout,
         auth,
         cors_allow_origin,
+        ui,
     } = config;
     let auth = Auth::new(&auth.keys, &auth.key_files, auth.protect_metrics)?;
 
@@ -105,6 +114,8 @@ pub fn serve(config: ServeConfig, models: Vec<Model>) -> Result<(), String> {
         limits,
         metrics,
         started,
+        up_since: Instant::now(),
+        ui: ui.then(ui::Page::new),
         auth,
         lifecycle: Lifecycle::new(),
         last_request: Mutex::new(Instant::now()),
@@ -275,9 +286,12 @@ fn answer(app: &App, mut request: tiny_http::Request) {
     let limit = app.limits.max_body_bytes;
     let route_path = path.split('?').next().unwrap_or("").to_string();
     // Errors met before the handler runs are still written in the shape of the route's API.
-    let error = |error| Outgoing::error_as(routes::error_shape(&route_path), error);
+    let error = |error| Outgoing::error_as(routes::error_shape(&method, &route_path), error);
 
-    let outgoing = match app.auth.check(&route_path, authorization.as_deref()) {
+    let outgoing = match app
+        .auth
+        .check(&method, &route_path, authorization.as_deref())
+    {
         _ if routes::is_cors_preflight(app, &method) => routes::cors_preflight(),
         Err(e) => error(e),
         Ok(()) if declared.is_some_and(|n| n > limit) => error(ApiError::too_large(limit)),

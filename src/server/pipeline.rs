@@ -43,21 +43,19 @@ pub struct Fields {
 /// Which prompt goes in front of every text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Prompt {
+    /// The model's default prompt, if it has one.
     None,
     /// A prompt the client named (`task`, `prompt_name`); a name the model lacks is an error about `field`.
-    Named {
-        name: String,
-        field: &'static str,
-    },
-    /// The first of these names the model has a prompt for, or no prompt: Cohere's `input_type`, which
-    /// every request must send whatever the model.
+    Named { name: String, field: &'static str },
+    /// The first of these names the model has a prompt for, or else as [`Prompt::None`]: Cohere's
+    /// `input_type`, which every request must send whatever the model.
     FirstOf(&'static [&'static str]),
 }
 
 /// The pipeline's answer: one vector per input, in order.
 pub struct Embedded {
     /// The name of the model that computed them.
-    pub model: &'static str,
+    pub model: String,
     pub vectors: Vec<Vec<f32>>,
     /// The tokens the model saw, summed over the inputs (after truncation, prompts included).
     pub tokens: usize,
@@ -84,7 +82,7 @@ fn run(app: &App, job: EmbedJob) -> Result<Embedded, ApiError> {
     } = job;
     let queue = app.queue(model.as_deref().unwrap_or(&app.default_model))?;
     let model = queue.model();
-    let spec = model.spec;
+    let spec = &model.spec;
     let limits = &app.limits;
 
     if inputs.len() > limits.max_inputs {
@@ -113,8 +111,12 @@ fn run(app: &App, job: EmbedJob) -> Result<Embedded, ApiError> {
         }
     };
     let prefix = match &prompt {
-        Prompt::None => "",
-        Prompt::FirstOf(names) => names.iter().find_map(|n| spec.prompt(n)).unwrap_or(""),
+        // As sentence-transformers does: the model's default prompt when the request names none.
+        Prompt::None => spec.default_prompt(),
+        Prompt::FirstOf(names) => names
+            .iter()
+            .find_map(|n| spec.prompt(n))
+            .unwrap_or_else(|| spec.default_prompt()),
         Prompt::Named { field, .. } if spec.prompts.is_empty() => {
             return Err(ApiError::invalid_param(
                 field,
@@ -122,7 +124,7 @@ fn run(app: &App, job: EmbedJob) -> Result<Embedded, ApiError> {
             ))
         }
         Prompt::Named { name, field } => spec.prompt(name).ok_or_else(|| {
-            let tasks: Vec<&str> = spec.prompts.iter().map(|(t, _)| *t).collect();
+            let tasks: Vec<&str> = spec.prompts.iter().map(|(t, _)| t.as_str()).collect();
             ApiError::invalid_param(
                 field,
                 format!(
@@ -208,9 +210,9 @@ fn run(app: &App, job: EmbedJob) -> Result<Embedded, ApiError> {
         })
         .collect();
     app.metrics
-        .record_request(spec.name, api, count, total, truncated);
+        .record_request(&spec.name, api, count, total, truncated);
     Ok(Embedded {
-        model: spec.name,
+        model: spec.name.clone(),
         vectors,
         tokens: total,
     })

@@ -131,7 +131,7 @@ impl BatchQueue {
             state.queued_inputs += count;
             self.shared
                 .metrics
-                .set_queue_depth(self.shared.model.spec.name, state.queued_inputs);
+                .set_queue_depth(&self.shared.model.spec.name, state.queued_inputs);
             state.entries.push_back(Entry {
                 pending: Arc::clone(&pending),
                 inputs,
@@ -183,7 +183,7 @@ fn engine_loop(shared: &Shared) {
             .unwrap_or_else(|_| Err(ModelError::internal("the engine panicked")));
         shared
             .metrics
-            .record_batch(shared.model.spec.name, batch.len(), tokens);
+            .record_batch(&shared.model.spec.name, batch.len(), tokens);
         match outcome {
             Ok(vectors) => {
                 for (slot, vector) in batch.into_iter().zip(vectors) {
@@ -231,7 +231,7 @@ fn next_batch(shared: &Shared) -> Vec<Slot> {
             if entry.next == 0 {
                 shared
                     .metrics
-                    .record_queue_time(shared.model.spec.name, entry.enqueued.elapsed());
+                    .record_queue_time(&shared.model.spec.name, entry.enqueued.elapsed());
             }
             batch.push(Slot {
                 pending: Arc::clone(&entry.pending),
@@ -251,7 +251,7 @@ fn next_batch(shared: &Shared) -> Vec<Slot> {
     state.queued_inputs -= batch.len();
     shared
         .metrics
-        .set_queue_depth(shared.model.spec.name, state.queued_inputs);
+        .set_queue_depth(&shared.model.spec.name, state.queued_inputs);
     batch
 }
 
@@ -268,6 +268,6 @@ fn drop_abandoned(state: &mut State, shared: &Shared) {
         state.queued_inputs -= dropped;
         shared
             .metrics
-            .set_queue_depth(shared.model.spec.name, state.queued_inputs);
+            .set_queue_depth(&shared.model.spec.name, state.queued_inputs);
     }
 }

@@ -71,20 +71,21 @@ impl Outgoing {
 pub fn handle(app: &App, request: &Incoming) -> Outgoing {
     contain_panics(
         request,
-        error_shape(request.path),
+        error_shape(request.method, request.path),
         || app.metrics.record_panic(),
         || route_request(app, request),
     )
 }
 
-/// The error shape of the route `path` (with or without its query) belongs to; OpenAI's for a path the
-/// server does not know.
-pub fn error_shape(path: &str) -> ErrorShape {
-    let path = path.split('?').next().unwrap_or("");
-    ROUTES
-        .iter()
-        .find(|route| route.matches(path).is_some())
-        .map_or(ErrorShape::OpenAi, |route| route.errors)
+/// The error shape of the row that answers `method` on `path` (with or without its query): of the path's
+/// first row when none takes the method, and OpenAI's for a path the server does not know.
+pub fn error_shape(method: &str, path: &str) -> ErrorShape {
+    let mut rows = rows_for(path).map(|(route, _)| route).peekable();
+    let first = rows.peek().map(|route| route.errors);
+    rows.find(|route| route.methods.contains(&method))
+        .map(|route| route.errors)
+        .or(first)
+        .unwrap_or(ErrorShape::OpenAi)
 }
 
 /// Whether `method` is a CORS preflight this server answers: only with `--cors-allow-origin`. Browsers send
@@ -182,12 +183,16 @@ impl Route {
 }
 
 /// Every route the server answers. The router reads it, and tests/openapi.rs checks it against
-/// `/openapi.json` both ways, so adding a route is one row here, its handler, and its documentation.
+/// `/openapi.json` both ways, so adding a route is one row here, its handler, and its documentation. A
+/// path may have a row per method when the methods belong to different APIs (`GET /` is the page,
+/// `POST /` text-embeddings-inference's embed); a method it has no row for gets 405 naming them all.
 pub const ROUTES: &[Route] = &[
+    route("/", &["GET"], page),
     route("/openapi.json", &["GET"], openapi),
     route("/health", &["GET"], health),
     route("/metrics", &["GET"], metrics),
     route("/metrics/", &["GET"], metrics),
+    route("/v1/info", &["GET"], info),
     route("/v1/models", &["GET"], models_list),
     route("/v1/models/", &["GET"], models_list),
     route("/v1/models/{id}", &["GET"], model_card),
@@ -229,19 +234,45 @@ impl Route {
     }
 }
 
-fn route_request(app: &App, request: &Incoming) -> Result<Outgoing, ApiError> {
-    let path = request.path.split('?').next().unwrap_or("");
-    let (route, params) = ROUTES
+/// The rows of the table that match `path` (with or without its query), with their `{...}` values.
+fn rows_for<'p>(path: &'p str) -> impl Iterator<Item = (&'static Route, Vec<&'p str>)> {
+    let path = path.split('?').next().unwrap_or("");
+    ROUTES
         .iter()
-        .find_map(|route| route.matches(path).map(|params| (route, params)))
-        .ok_or_else(|| ApiError::not_found(path))?;
-    if !route.methods.contains(&request.method) {
-        return Err(ApiError::method_not_allowed(
-            request.method,
-            &route.methods.join(", "),
+        .filter_map(move |route| route.matches(path).map(|params| (route, params)))
+}
+
+fn route_request(app: &App, request: &Incoming) -> Result<Outgoing, ApiError> {
+    let rows: Vec<_> = rows_for(request.path).collect();
+    if rows.is_empty() {
+        return Err(ApiError::not_found(
+            request.path.split('?').next().unwrap_or(""),
         ));
     }
-    (route.handler)(app, request, &params)
+    match rows
+        .iter()
+        .find(|(route, _)| route.methods.contains(&request.method))
+    {
+        Some((route, params)) => (route.handler)(app, request, params),
+        None => {
+            let allowed: Vec<&str> = rows
+                .iter()
+                .flat_map(|(route, _)| route.methods.iter().copied())
+                .collect();
+            Err(ApiError::method_not_allowed(
+                request.method,
+                &allowed.join(", "),
+            ))
+        }
+    }
+}
+
+/// With `--no-ui` the page is not there: 404, as for any path the server does not know.
+fn page(app: &App, _: &Incoming, _: &[&str]) -> Result<Outgoing, ApiError> {
+    match &app.ui {
+        Some(page) => Ok(page.answer()),
+        None => Err(ApiError::not_found("/")),
+    }
 }
 
 fn openapi(_: &App, _: &Incoming, _: &[&str]) -> Result<Outgoing, ApiError> {
@@ -261,6 +292,11 @@ fn metrics(app: &App, _: &Incoming, _: &[&str]) -> Result<Outgoing, ApiError> {
         content_type: "text/plain; version=0.0.4; charset=utf-8",
         ..Outgoing::json(app.metrics.render())
     })
+}
+
+fn info(app: &App, _: &Incoming, _: &[&str]) -> Result<Outgoing, ApiError> {
+    let uptime = app.up_since.elapsed().as_secs();
+    Ok(Outgoing::json(api::info(app.started, uptime)))
 }
 
 fn models_list(app: &App, _: &Incoming, _: &[&str]) -> Result<Outgoing, ApiError> {
@@ -315,7 +351,7 @@ fn embed(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiError> 
     };
     let embedded = pipeline::embed(app, job)?;
     let body = api::embeddings_response(
-        embedded.model,
+        &embedded.model,
         &embedded.vectors,
         encoding_format,
         embedded.tokens,
@@ -340,14 +376,27 @@ mod tests {
     }
 
     #[test]
-    fn no_two_routes_share_a_path() {
+    fn no_two_routes_share_a_path_and_a_method() {
         for (i, a) in ROUTES.iter().enumerate() {
-            assert!(
-                ROUTES[i + 1..].iter().all(|b| b.path != a.path),
-                "{} is in the table twice",
-                a.path
-            );
+            for b in &ROUTES[i + 1..] {
+                assert!(
+                    b.path != a.path || b.methods.iter().all(|m| !a.methods.contains(m)),
+                    "{} {:?} is in the table twice",
+                    a.path,
+                    a.methods
+                );
+            }
         }
+    }
+
+    #[test]
+    fn errors_take_the_shape_of_the_row_that_answers_the_method() {
+        assert_eq!(error_shape("GET", "/"), ErrorShape::OpenAi);
+        assert_eq!(error_shape("POST", "/"), ErrorShape::Tei);
+        assert_eq!(error_shape("DELETE", "/"), ErrorShape::OpenAi);
+        assert_eq!(error_shape("GET", "/api/tags?x=1"), ErrorShape::Ollama);
+        assert_eq!(error_shape("POST", "/v2/embed"), ErrorShape::Cohere);
+        assert_eq!(error_shape("POST", "/nowhere"), ErrorShape::OpenAi);
     }
 
     #[test]

@@ -130,7 +130,8 @@ pub fn tags(app: &App, _: &Incoming, _: &[&str]) -> Result<Outgoing, ApiError> {
         .iter()
         .map(|queue| {
             let model = queue.model();
-            let spec = model.spec;
+            let spec = &model.spec;
+            // Ollama's names for the families (from the GGUF architecture).
             let family = match spec.architecture {
                 Architecture::Bert => "bert",
                 Architecture::NomicBert => "nomic-bert",
@@ -142,7 +143,7 @@ pub fn tags(app: &App, _: &Incoming, _: &[&str]) -> Result<Outgoing, ApiError> {
                 "model": name,
                 "modified_at": modified_at,
                 "size": spec.files.iter().map(|f| f.size).sum::<u64>(),
-                "digest": weights.map_or("", |f| f.sha256),
+                "digest": weights.map_or("", |f| f.sha256.as_str()),
                 "details": {
                     "parent_model": "",
                     "format": "safetensors",

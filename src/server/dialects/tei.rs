@@ -15,7 +15,6 @@ use super::super::errors::{excerpt, ApiError};
 use super::super::pipeline::{self, EmbedJob, Fields, Prompt};
 use super::super::routes::{Incoming, Outgoing};
 use super::super::App;
-use crate::models::catalog::Pooling;
 
 /// text-embeddings-inference's status and `error_type` for an error.
 pub fn error(error: &ApiError) -> (u16, String) {
@@ -108,19 +107,18 @@ pub fn embed(app: &App, request: &Incoming, _: &[&str]) -> Result<Outgoing, ApiE
 /// `GET /info`: text-embeddings-inference's description of the (default) model and the server's limits.
 pub fn info(app: &App, _: &Incoming, _: &[&str]) -> Result<Outgoing, ApiError> {
     let model = app.queue(&app.default_model)?.model();
-    let spec = model.spec;
-    let pooling = match spec.pooling {
-        Pooling::Mean => "mean",
-        Pooling::Cls => "cls",
+    let spec = &model.spec;
+    let (model_id, revision) = match &spec.hub {
+        Some((repo, revision)) => (repo.as_str(), Some(revision.as_str())),
+        None => (spec.name.as_str(), None),
     };
-    let revision = Some(spec.hub_revision).filter(|r| !r.is_empty());
     Ok(Outgoing::json(
         json!({
-            "model_id": spec.hub_repo,
+            "model_id": model_id,
             "model_sha": revision,
             "model_dtype": "float32",
             "served_model_name": spec.name,
-            "model_type": {"embedding": {"pooling": pooling}},
+            "model_type": {"embedding": {"pooling": spec.pooling.name()}},
             "max_concurrent_requests": app.threads,
             "max_input_length": model.max_tokens(),
             "max_batch_tokens": app.max_batch_tokens,

@@ -1,0 +1,546 @@
+//! Any BERT-family sentence-transformers directory through `--model-dir`: the shared bert-tiny-cls
+//! reference and this project's own fixtures (tests/fixtures/st/, written by
+//! tests/fixtures/generate_st_fixtures.py with sentence-transformers), every case exact (ids equal, max |Δ|
+//! within the fixture's tolerance), with and without prompts, one at a time, batched and over HTTP; and
+//! the directories the server must refuse, each refusal naming what it does not support.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{floats, max_abs_diff, Server};
+use embedding_server::models::{directory, Input, Model, Pooling, Source};
+use serde_json::{json, Value};
+
+fn fixtures_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/st")
+}
+
+fn shared_reference() -> PathBuf {
+    common::shared_dir().join("reference")
+}
+
+fn expected(dir: &Path, name: &str) -> Value {
+    let path = dir.join(name).join("expected.json");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    serde_json::from_str(&text).expect("expected.json is not JSON")
+}
+
+fn load(dir: &Path, name: &str, pooling: Option<Pooling>) -> Model {
+    let spec = directory::spec(dir, name, pooling)
+        .unwrap_or_else(|e| panic!("cannot read the directory {name}: {e}"));
+    Model::load(&spec, &Source::Dir(dir.to_path_buf()))
+        .unwrap_or_else(|e| panic!("cannot load {name}: {e}"))
+}
+
+fn ids(value: &Value) -> Vec<u32> {
+    value
+        .as_array()
+        .expect("input_ids")
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// The prompts of a case: (prompt name, its input_ids if recorded, its embedding).
+fn prompted(case: &Value) -> Vec<(String, Option<Vec<u32>>, Vec<f32>)> {
+    let Some(prompted) = case["prompted"].as_object() else {
+        return Vec::new();
+    };
+    prompted
+        .iter()
+        .map(|(name, v)| match v {
+            Value::Array(_) => (name.clone(), None, floats(v)),
+            _ => (
+                name.clone(),
+                Some(ids(&v["input_ids"])),
+                floats(&v["embedding"]),
+            ),
+        })
+        .collect()
+}
+
+fn within(got: &[f32], want: &[f32], tolerance: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: dims");
+    let d = max_abs_diff(got, want);
+    assert!(d <= tolerance, "{what}: max |Δ| {d} > {tolerance}");
+}
+
+/// Every case through the library: ids exact, the plain vector (the default prompt applied, as
+/// sentence-transformers' encode does) one at a time and in one batch, and every named prompt.
+fn check_library(dir: &Path, name: &str, pooling: Option<Pooling>) -> usize {
+    let expected = expected(dir, name);
+    let tolerance = expected["tolerance"].as_f64().unwrap();
+    let model = load(dir, name, pooling);
+    assert_eq!(
+        model.max_tokens() as u64,
+        expected["max_seq_length"].as_u64().unwrap(),
+        "{name}"
+    );
+    assert_eq!(
+        model.dims() as u64,
+        expected["dims"].as_u64().unwrap(),
+        "{name}"
+    );
+    let cases = expected["cases"].as_array().unwrap();
+    let default = model.spec.default_prompt().to_string();
+    let texts: Vec<Input> = cases
+        .iter()
+        .map(|c| Input::Text(c["text"].as_str().unwrap().into()))
+        .collect();
+    let batched = model.embed(&texts).unwrap();
+    let mut checked = 0;
+    for (case, (input, in_batch)) in cases.iter().zip(texts.iter().zip(&batched)) {
+        let what = format!("{name} case {}", case["id"]);
+        let tokens = model.tokenize(input, &default).unwrap();
+        assert_eq!(tokens.ids, ids(&case["input_ids"]), "{what}: input_ids");
+        let want = floats(&case["embedding"]);
+        within(
+            &model.embed(std::slice::from_ref(input)).unwrap()[0],
+            &want,
+            tolerance,
+            &what,
+        );
+        within(in_batch, &want, tolerance, &format!("{what} in a batch"));
+        for (prompt, prompt_ids, want) in prompted(case) {
+            let prefix = model
+                .spec
+                .prompt(&prompt)
+                .expect("the prompt is read")
+                .to_string();
+            let tokens = model.tokenize(input, &prefix).unwrap();
+            if let Some(prompt_ids) = prompt_ids {
+                assert_eq!(tokens.ids, prompt_ids, "{what} prompt {prompt}: input_ids");
+            }
+            let pooled = model.encode(&[&tokens.ids]).unwrap().remove(0);
+            let got = model.finish(pooled, model.dims());
+            within(&got, &want, tolerance, &format!("{what} prompt {prompt}"));
+            checked += 1;
+        }
+        checked += 1;
+    }
+    checked
+}
+
+/// Every case over HTTP in one request, without a prompt and with each `prompt_name`.
+fn check_http(server: &Server, dir: &Path, name: &str) {
+    let expected = expected(dir, name);
+    let tolerance = expected["tolerance"].as_f64().unwrap();
+    let cases = expected["cases"].as_array().unwrap();
+    let texts: Vec<&str> = cases.iter().map(|c| c["text"].as_str().unwrap()).collect();
+    let mut requests = vec![(json!({"model": name, "input": texts}), None)];
+    for (prompt, _, _) in prompted(&cases[0]) {
+        requests.push((
+            json!({"model": name, "input": texts, "prompt_name": prompt}),
+            Some(prompt),
+        ));
+    }
+    for (body, prompt) in requests {
+        let response = server.post("/v1/embeddings", &body);
+        assert_eq!(response.status, 200, "{name}: {}", response.text());
+        let data = response.json()["data"].as_array().unwrap().clone();
+        for (case, item) in cases.iter().zip(&data) {
+            let want = match &prompt {
+                None => floats(&case["embedding"]),
+                Some(p) => {
+                    prompted(case)
+                        .into_iter()
+                        .find(|(n, _, _)| n == p)
+                        .unwrap()
+                        .2
+                }
+            };
+            within(
+                &floats(&item["embedding"]),
+                &want,
+                tolerance,
+                &format!("{name} over HTTP, case {}, prompt {prompt:?}", case["id"]),
+            );
+        }
+    }
+}
+
+#[test]
+fn bert_tiny_cls_is_exact_through_model_dir_with_and_without_its_prompt() {
+    let dir = shared_reference();
+    let checked = check_library(&dir, "bert-tiny-cls", None);
+    assert!(checked >= 34, "checked {checked}");
+    let model = load(&dir, "bert-tiny-cls", None);
+    assert_eq!(model.spec.pooling, Pooling::Cls);
+    assert!(model.spec.normalize);
+    assert_eq!(model.spec.default_prompt_name, None);
+
+    let server = Server::start(&[
+        "--model-dir",
+        dir.to_str().unwrap(),
+        "--model",
+        "bert-tiny-cls",
+        "--model",
+        "all-MiniLM-L6-v2",
+    ]);
+    check_http(&server, &dir, "bert-tiny-cls");
+    let card = server
+        .request("GET", "/v1/models/bert-tiny-cls", None)
+        .json();
+    assert_eq!(card["pooling"], "cls", "{card}");
+    assert_eq!(card["normalized"], true, "{card}");
+    assert_eq!(card["max_tokens"], 128, "{card}");
+    assert_eq!(card["dims"], 48, "{card}");
+    assert_eq!(card["source"], "directory", "{card}");
+    assert_eq!(
+        card["directory"],
+        dir.join("bert-tiny-cls").display().to_string(),
+        "{card}"
+    );
+    assert_eq!(
+        card["prompts"]["query"], "Represent this sentence for searching relevant passages: ",
+        "{card}"
+    );
+    assert_eq!(card["default_prompt_name"], Value::Null, "{card}");
+    // The embedded model is served beside it.
+    let card = server
+        .request("GET", "/v1/models/all-MiniLM-L6-v2", None)
+        .json();
+    assert_eq!(card["source"], "embedded", "{card}");
+    assert_eq!(card["pooling"], "mean", "{card}");
+}
+
+#[test]
+fn own_fixtures_are_exact_for_every_pooling_layout_dtype_and_activation() {
+    let dir = fixtures_dir();
+    for name in ["mean-classic", "max-newer", "sqrt-prefixed", "cls-newer"] {
+        let checked = check_library(&dir, name, None);
+        assert!(checked >= 10, "{name}: checked {checked}");
+    }
+    let checked = check_library(&dir, "plain-transformers", Some(Pooling::Cls));
+    assert!(checked >= 10, "checked {checked}");
+}
+
+#[test]
+fn the_directory_says_how_the_model_pools_normalises_cuts_and_prompts() {
+    let dir = fixtures_dir();
+    let read = |name: &str| directory::spec(&dir, name, None).unwrap();
+    let spec = read("mean-classic");
+    assert_eq!(
+        (spec.pooling, spec.normalize, spec.max_tokens),
+        (Pooling::Mean, false, 24)
+    );
+    assert_eq!(spec.default_prompt(), "query: ");
+    let spec = read("max-newer");
+    assert_eq!(
+        (spec.pooling, spec.normalize, spec.max_tokens),
+        (Pooling::Max, true, 40)
+    );
+    assert!(spec.default_prompt_name.is_none() && spec.default_prompt().is_empty());
+    let spec = read("sqrt-prefixed");
+    assert_eq!(
+        (spec.pooling, spec.normalize, spec.max_tokens),
+        (Pooling::MeanSqrtLen, true, 32)
+    );
+    assert_eq!(spec.default_prompt(), "");
+    let spec = read("cls-newer");
+    assert_eq!(
+        (spec.pooling, spec.normalize, spec.max_tokens),
+        (Pooling::Cls, false, 48)
+    );
+    assert_eq!(spec.default_prompt(), "classify this: ");
+}
+
+#[test]
+fn http_serves_every_directory_beside_the_embedded_model() {
+    let dir = fixtures_dir();
+    // No --model: every model of the directory (the plain one pooled as --pooling says) and the embedded one.
+    let server = Server::start(&["--model-dir", dir.to_str().unwrap(), "--pooling", "cls"]);
+    let listed = server.request("GET", "/v1/models", None).json();
+    let names: Vec<&str> = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap())
+        .collect();
+    for name in [
+        "cls-newer",
+        "max-newer",
+        "mean-classic",
+        "plain-transformers",
+        "sqrt-prefixed",
+        "all-MiniLM-L6-v2",
+    ] {
+        assert!(names.contains(&name), "{name} is not served: {listed}");
+    }
+    for name in [
+        "cls-newer",
+        "max-newer",
+        "mean-classic",
+        "plain-transformers",
+        "sqrt-prefixed",
+    ] {
+        check_http(&server, &dir, name);
+    }
+    // A model whose directory sets a default prompt: a request without one gets it; naming another
+    // prompt replaces it.
+    let card = server
+        .request("GET", "/v1/models/mean-classic", None)
+        .json();
+    assert_eq!(card["default_prompt_name"], "query", "{card}");
+    assert_eq!(card["pooling"], "mean", "{card}");
+    assert_eq!(card["normalized"], false, "{card}");
+    assert_eq!(card["max_tokens"], 24, "{card}");
+    let card = server
+        .request("GET", "/v1/models/plain-transformers", None)
+        .json();
+    assert_eq!(card["pooling"], "cls", "{card}");
+    assert_eq!(card["max_tokens"], 20, "{card}");
+    // The embedded model is still the one it was.
+    let reference = common::reference();
+    let case = &reference["cases"][0];
+    let body = server
+        .post(
+            "/v1/embeddings",
+            &json!({"model": "all-MiniLM-L6-v2", "input": case["text"]}),
+        )
+        .json();
+    within(
+        &floats(&body["data"][0]["embedding"]),
+        &floats(&case["embedding"]),
+        1e-4,
+        "all-MiniLM-L6-v2 beside directories",
+    );
+}
+
+/// A scratch model directory made from a fixture, with some files changed; removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn from_fixture(fixture: &str, edit: impl FnOnce(&Path)) -> Scratch {
+        let root = std::env::temp_dir().join(format!(
+            "embedding-server-st-{}-{fixture}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let model = root.join("m");
+        copy_dir(&fixtures_dir().join(fixture), &model);
+        edit(&model);
+        Scratch(root)
+    }
+
+    fn error(&self, pooling: Option<Pooling>) -> String {
+        let loaded = directory::spec(&self.0, "m", pooling)
+            .and_then(|spec| Model::load(&spec, &Source::Dir(self.0.clone())));
+        match loaded {
+            Ok(_) => panic!("the directory was accepted"),
+            Err(e) => e.message,
+        }
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+fn edit_json(path: &Path, edit: impl FnOnce(&mut Value)) {
+    let mut value: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    edit(&mut value);
+    std::fs::write(path, value.to_string()).unwrap();
+}
+
+/// A change to a scratch copy of a fixture.
+type Edit = Box<dyn FnOnce(&Path)>;
+
+/// Sets `key` of the JSON file `file` to `value`.
+fn set(file: &'static str, key: &'static str, value: Value) -> Edit {
+    Box::new(move |m| edit_json(&m.join(file), |c| c[key] = value))
+}
+
+#[test]
+fn unsupported_directories_are_refused_naming_what_is_unsupported() {
+    const POOLING: &str = "1_Pooling/config.json";
+    let cases: Vec<(&str, Edit, &str)> = vec![
+        (
+            "cls-newer",
+            set("config.json", "model_type", "roberta".into()),
+            "RoBERTa",
+        ),
+        (
+            "cls-newer",
+            set("config.json", "model_type", "xlm-roberta".into()),
+            "XLM-RoBERTa",
+        ),
+        (
+            "cls-newer",
+            set("config.json", "model_type", "mpnet".into()),
+            "MPNet",
+        ),
+        (
+            "cls-newer",
+            set("config.json", "hidden_act", "relu".into()),
+            "relu",
+        ),
+        (
+            "cls-newer",
+            set(POOLING, "pooling_mode", "weightedmean".into()),
+            "weightedmean",
+        ),
+        (
+            "cls-newer",
+            set(POOLING, "pooling_mode", json!(["cls", "mean"])),
+            "cls + mean",
+        ),
+        (
+            "mean-classic",
+            set(POOLING, "include_prompt", false.into()),
+            "include_prompt",
+        ),
+        (
+            "mean-classic",
+            set(POOLING, "pooling_mode_max_tokens", true.into()),
+            "max + mean",
+        ),
+        (
+            "mean-classic",
+            Box::new(|m| {
+                edit_json(&m.join(POOLING), |c| {
+                    c["pooling_mode_lasttoken"] = true.into();
+                    c["pooling_mode_mean_tokens"] = false.into();
+                })
+            }),
+            "lasttoken",
+        ),
+        (
+            "cls-newer",
+            set(
+                "config_sentence_transformers.json",
+                "default_prompt_name",
+                "missing".into(),
+            ),
+            "missing",
+        ),
+        (
+            "max-newer",
+            Box::new(|m| {
+                edit_json(&m.join("modules.json"), |c| {
+                    c.as_array_mut().unwrap().insert(
+                        2,
+                        json!({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}),
+                    )
+                })
+            }),
+            "sentence_transformers.models.Dense",
+        ),
+        (
+            "cls-newer",
+            Box::new(|m| std::fs::remove_file(m.join("tokenizer.json")).unwrap()),
+            "lacks tokenizer.json",
+        ),
+        (
+            "cls-newer",
+            Box::new(|m| {
+                std::fs::rename(m.join("model.safetensors"), m.join("pytorch_model.bin")).unwrap()
+            }),
+            "pytorch_model.bin",
+        ),
+    ];
+    for (fixture, edit, says) in cases {
+        let error = Scratch::from_fixture(fixture, edit).error(None);
+        assert!(error.contains(says), "expected {says:?} in: {error}");
+    }
+    // A plain transformers directory needs --pooling.
+    let error = Scratch::from_fixture("plain-transformers", |_| {}).error(None);
+    assert!(
+        error.contains("--pooling") && error.contains("modules.json"),
+        "{error}"
+    );
+}
+
+#[test]
+fn the_server_refuses_to_start_on_a_bad_directory_and_says_why() {
+    let scratch = Scratch::from_fixture("plain-transformers", |_| {});
+    let out = std::process::Command::new(common::BINARY)
+        .args(["serve", "--port", "0", "--model-dir"])
+        .arg(&scratch.0)
+        .args(["--model", "m"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("--pooling"), "{stderr}");
+    let out = std::process::Command::new(common::BINARY)
+        .args(["serve", "--port", "0", "--model-dir"])
+        .arg(&scratch.0)
+        .args(["--model", "nothing-here"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("nothing-here")
+            && stderr.contains("all-MiniLM-L6-v2"),
+        "{stderr}"
+    );
+    let out = std::process::Command::new(common::BINARY)
+        .args(["serve", "--port", "0", "--pooling", "weighted"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("EMBEDDING_SERVER_POOLING"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn without_model_directories_that_cannot_be_served_are_skipped_with_the_reason() {
+    let dir = shared_reference();
+    // nomic-tiny is a plain transformers directory: without --pooling it cannot be served.
+    let server = Server::start(&["--model-dir", dir.to_str().unwrap()]);
+    let listed = server.request("GET", "/v1/models", None).json();
+    let names: Vec<&str> = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"bert-tiny-cls") && names.contains(&"all-MiniLM-L6-v2"),
+        "{listed}"
+    );
+    assert!(!names.contains(&"nomic-tiny"), "{listed}");
+    let log = server.stderr.lock().unwrap().clone();
+    assert!(
+        log.contains("not serving nomic-tiny") && log.contains("--pooling"),
+        "{log}"
+    );
+}
+
+#[test]
+fn model_dir_may_name_one_model_directory_itself() {
+    let dir = fixtures_dir();
+    let own = dir.join("max-newer");
+    for args in [vec![], vec!["--model", "max-newer"]] {
+        let mut all = vec!["--model-dir", own.to_str().unwrap()];
+        all.extend(args);
+        let server = Server::start(&all);
+        check_http(&server, &dir, "max-newer");
+        let card = server.request("GET", "/v1/models/max-newer", None).json();
+        assert_eq!(card["pooling"], "max", "{card}");
+    }
+}
