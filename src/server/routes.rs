@@ -235,7 +235,7 @@ impl Route {
 }
 
 /// The rows of the table that match `path` (with or without its query), with their `{...}` values.
-fn rows_for<'p>(path: &'p str) -> impl Iterator<Item = (&'static Route, Vec<&'p str>)> {
+fn rows_for(path: &str) -> impl Iterator<Item = (&'static Route, Vec<&str>)> {
     let path = path.split('?').next().unwrap_or("");
     ROUTES
         .iter()
