@@ -309,3 +309,53 @@ impl Drop for NomicModelDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// A Python that can import every module of `modules`: `$EMBEDDING_SERVER_TEST_PYTHON` if it can, else
+/// `target/<venv>/bin/python`, created with `python3 -m venv` and filled by pip with `packages` on first
+/// use. `Err` says why there is none.
+pub fn python_with(venv: &str, modules: &[&str], packages: &[&str]) -> Result<PathBuf, String> {
+    let imports = format!("import {}", modules.join(", "));
+    let can_import = |python: &PathBuf| {
+        Command::new(python)
+            .args(["-c", &imports])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if let Some(python) = std::env::var_os("EMBEDDING_SERVER_TEST_PYTHON").map(PathBuf::from) {
+        if can_import(&python) {
+            return Ok(python);
+        }
+    }
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("target")
+        .join(venv);
+    let python = venv.join("bin").join("python");
+    if can_import(&python) {
+        return Ok(python);
+    }
+    let run = |command: &mut Command, what: &str| match command.output() {
+        Ok(out) if out.status.success() => Ok(()),
+        Ok(out) => Err(format!(
+            "{what} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+        Err(e) => Err(format!("{what} could not run: {e}")),
+    };
+    run(
+        Command::new("python3").arg("-m").arg("venv").arg(&venv),
+        "python3 -m venv",
+    )?;
+    run(
+        Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(packages),
+        &format!("pip install {}", packages.join(" ")),
+    )?;
+    Ok(python)
+}
