@@ -120,7 +120,7 @@ pub fn embed(app: &App, request: &Incoming, _: &[&str]) -> Result<Outgoing, ApiE
     }
     match fields.get("priority") {
         None | Some(Value::Null) => {}
-        Some(v) if v.is_i64() || v.is_u64() => {}
+        Some(v) if v.as_f64().is_some_and(|f| f.fract() == 0.0) => {}
         Some(_) => {
             return Err(ApiError::invalid_param(
                 "priority",
@@ -193,6 +193,10 @@ fn texts(fields: &Map<String, Value>) -> Result<Vec<String>, ApiError> {
             "Send texts or inputs, not both.",
         )),
         (false, true) => input_texts(&fields["inputs"]),
+        (true, false) if !fields["texts"].is_array() => Err(ApiError::invalid_param(
+            "texts",
+            "texts must be an array of strings.",
+        )),
         (_, false) => api::parse_inputs(fields.get("texts"), "texts")?
             .into_iter()
             .map(|input| match input {
@@ -352,6 +356,7 @@ mod tests {
         for bad in [
             json!({}),
             json!({"texts": []}),
+            json!({"texts": "a"}),
             json!({"texts": [[1, 2]]}),
             json!({"texts": ["a"], "inputs": []}),
             json!({"texts": ["a"], "images": ["data:image/png;base64,AA=="]}),
