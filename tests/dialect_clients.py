@@ -3,7 +3,9 @@
 reference JSON.
 
 Each client's vectors must equal what `/v1/embeddings` gives for the same texts (cosine >= 0.99999), and
-those must be sentence-transformers' reference vectors. Ollama's `list()` must show the models. An
+those must be sentence-transformers' reference vectors; cutting an over-long text's start (Cohere's `START`,
+huggingface_hub's `left`) must equal `/v1/embeddings`' `truncation_direction: left`. Cohere's `ubinary` must
+be the sign bits of its floats. Ollama's `list()` must show the models. An
 over-long input with each dialect's "no truncation" setting must come back as that client's error, parsed
 from the dialect's error body, with the dialect's status. Exits non-zero with a message on any mismatch."""
 import base64
@@ -26,10 +28,10 @@ texts = [c["text"] for c in cases]
 over_long = "word " * 400
 
 
-def openai_vectors(inputs):
+def openai_vectors(inputs, **fields):
     request = urllib.request.Request(
         f"{base_url}/v1/embeddings",
-        data=json.dumps({"model": MODEL, "input": inputs}).encode(),
+        data=json.dumps({"model": MODEL, "input": inputs, **fields}).encode(),
         headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
     )
     with urllib.request.urlopen(request) as response:
@@ -82,6 +84,22 @@ base64_vectors = [numpy.frombuffer(base64.b64decode(b), dtype="<f4") for b in re
 check(base64_vectors, want, "cohere base64")
 assert result.meta.billed_units.input_tokens == sum(c["tokens"] for c in cases), result.meta
 assert result.texts == texts
+# ubinary: the sign bits of the float vectors, packed most significant bit first (numpy.packbits).
+result = co.embed(model=MODEL, texts=texts, input_type="search_query", embedding_types=["float", "ubinary", "binary", "int8", "uint8"])
+floats = numpy.array(result.embeddings.float_)
+signs = numpy.packbits(floats > 0, axis=-1)
+assert numpy.array_equal(numpy.array(result.embeddings.ubinary), signs), "ubinary is not the sign bits"
+assert numpy.array_equal(numpy.array(result.embeddings.binary), signs.astype(numpy.int16) - 128), "binary"
+for kind, low, high in (("int8", -128, 127), ("uint8", 0, 255)):
+    values = numpy.array(getattr(result.embeddings, kind))
+    assert values.shape == floats.shape and values.min() >= low and values.max() <= high, kind
+check(result.embeddings.float_, want, "cohere float (search_query, no prompt for this model)")
+long_text = [c for c in json.load(open(reference_path))["cases"] if c["category"] == "long"][0]["text"]
+start = co.embed(model=MODEL, texts=[long_text], input_type="search_document", truncate="START")
+end = co.embed(model=MODEL, texts=[long_text], input_type="search_document", truncate="END")
+left, right = openai_vectors([long_text], truncation_direction="left"), openai_vectors([long_text])
+check(start.embeddings.float_, left, "cohere truncate=START")
+check(end.embeddings.float_, right, "cohere truncate=END")
 try:
     co.embed(model=MODEL, texts=[over_long], input_type="search_query", truncate="NONE")
     sys.exit("cohere: an over-long input with truncate=NONE was accepted")
@@ -93,6 +111,8 @@ except cohere.errors.BadRequestError as e:
 hf = InferenceClient(base_url=base_url, api_key=key)
 check(hf.feature_extraction(texts), want, "feature_extraction")
 check(hf.feature_extraction(texts[0], truncate=True, truncation_direction="right"), want[:1], "feature_extraction (one)")
+check(hf.feature_extraction(long_text, truncate=True, truncation_direction="left"), left, "feature_extraction left")
+check(hf.feature_extraction(long_text, truncation_direction="right"), right, "feature_extraction right")
 raw = hf.feature_extraction(texts[:3], normalize=False)
 assert all(abs(numpy.linalg.norm(v) - 1) > 1e-3 for v in raw), "normalize=False gave unit vectors"
 check(raw, want[:3], "feature_extraction normalize=False (direction)")

@@ -327,6 +327,115 @@ fn decode_base64_floats(text: &str) -> Vec<f32> {
 }
 
 #[test]
+fn cohere_compact_types_are_encoding_formats_of_the_same_vectors() {
+    let s = server();
+    let cases = cases();
+    let texts = texts(&cases);
+    let response = s.post(
+        "/v2/embed",
+        &json!({"model": MODEL, "texts": texts, "input_type": "search_document",
+                "embedding_types": ["ubinary", "int8", "float", "binary", "uint8"]}),
+    );
+    assert_eq!(response.status, 200, "{}", response.text());
+    let embeddings = &response.json()["embeddings"];
+    let floats_ = vectors(&embeddings["float"]);
+    for format in ["int8", "uint8", "binary", "ubinary"] {
+        let want = s.post(
+            "/v1/embeddings",
+            &json!({"model": MODEL, "input": texts, "encoding_format": format}),
+        );
+        let want: Vec<Value> = want.json()["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["embedding"].clone())
+            .collect();
+        assert_eq!(embeddings[format], json!(want), "{format}");
+    }
+    // ubinary: one bit per dimension, 1 where the float is positive, most significant bit first.
+    for (bytes, vector) in embeddings["ubinary"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(&floats_)
+    {
+        let bits: Vec<u64> = vector
+            .chunks(8)
+            .map(|c| {
+                c.iter()
+                    .fold(0, |byte, &x| (byte << 1) | u64::from(x > 0.0))
+            })
+            .collect();
+        assert_eq!(bytes, &json!(bits));
+    }
+}
+
+#[test]
+fn cohere_start_and_tei_left_cut_the_start_as_v1_embeddings_left_does() {
+    let s = server();
+    let long = &cases()
+        .into_iter()
+        .find(|c| c["category"] == "long")
+        .unwrap();
+    let text = long["text"].as_str().unwrap();
+    let left = openai(s, json!({"input": [text], "truncation_direction": "left"}));
+    let right = openai(s, json!({"input": [text]}));
+    assert!(
+        cosine(&left[0], &right[0]) < 0.99,
+        "the two ends of the text differ"
+    );
+    let response = s.post(
+        "/v2/embed",
+        &json!({"model": MODEL, "texts": [text], "input_type": "search_document", "truncate": "START"}),
+    );
+    assert_eq!(response.status, 200, "{}", response.text());
+    let body = response.json();
+    assert_same(
+        &vectors(&body["embeddings"]["float"]),
+        &left,
+        "Cohere START",
+    );
+    assert_eq!(body["meta"]["billed_units"]["input_tokens"], 256);
+    let response = s.post(
+        "/v2/embed",
+        &json!({"model": MODEL, "texts": [text], "truncate": "END"}),
+    );
+    assert_same(
+        &vectors(&response.json()["embeddings"]["float"]),
+        &right,
+        "Cohere END",
+    );
+    for (direction, want) in [("Left", &left), ("left", &left), ("Right", &right)] {
+        let response = s.post(
+            "/embed",
+            &json!({"inputs": [text], "truncate": true, "truncation_direction": direction}),
+        );
+        assert_same(&vectors(&response.json()), want, direction);
+    }
+    // sentence-transformers with `truncation_side = "left"` gives the same (tests/truncation.rs checks
+    // every case; this one ties the dialects to it).
+    let fixture: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/left_truncation.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let case = fixture["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["text"] == text)
+        .expect("the fixture has the reference's long case");
+    assert_reference(
+        &left,
+        &[json!({"id": "left", "embedding": case["embedding"]})],
+        "left",
+    );
+}
+
+#[test]
 fn cohere_input_type_picks_the_prompt_of_the_same_meaning() {
     let (s, _) = nomic();
     let expected = nomic_expected();

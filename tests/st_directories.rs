@@ -9,7 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{floats, max_abs_diff, Server};
-use embedding_server::models::{directory, Input, Model, Pooling, Source};
+use embedding_server::models::{directory, Input, Model, Pooling, Source, TruncationDirection};
 use serde_json::{json, Value};
 
 fn fixtures_dir() -> PathBuf {
@@ -93,7 +93,9 @@ fn check_library(dir: &Path, name: &str, pooling: Option<Pooling>) -> usize {
     let mut checked = 0;
     for (case, (input, in_batch)) in cases.iter().zip(texts.iter().zip(&batched)) {
         let what = format!("{name} case {}", case["id"]);
-        let tokens = model.tokenize(input, &default).unwrap();
+        let tokens = model
+            .tokenize(input, &default, TruncationDirection::Right)
+            .unwrap();
         assert_eq!(tokens.ids, ids(&case["input_ids"]), "{what}: input_ids");
         let want = floats(&case["embedding"]);
         within(
@@ -109,7 +111,9 @@ fn check_library(dir: &Path, name: &str, pooling: Option<Pooling>) -> usize {
                 .prompt(&prompt)
                 .expect("the prompt is read")
                 .to_string();
-            let tokens = model.tokenize(input, &prefix).unwrap();
+            let tokens = model
+                .tokenize(input, &prefix, TruncationDirection::Right)
+                .unwrap();
             if let Some(prompt_ids) = prompt_ids {
                 assert_eq!(tokens.ids, prompt_ids, "{what} prompt {prompt}: input_ids");
             }

@@ -11,17 +11,21 @@ pub mod kernels;
 mod manifest;
 mod nomic_bert;
 mod pooling;
+pub mod quantize;
 mod tokenize;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
 use catalog::Architecture;
 pub use catalog::{ModelSpec, Pooling, CATALOG};
 use config::ModelConfig;
+use quantize::{Calibrated, Calibration};
 use tokenize::TextTokenizer;
+pub use tokenize::{TokenSpan, TruncationDirection};
 
 /// What went wrong, and whose fault it was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,6 +175,8 @@ pub struct Model {
     /// The width of the vectors these weights give: the catalog's `dims`, or less for smaller weights of the
     /// same architecture loaded from a directory (such as a test fixture).
     dims: usize,
+    /// The int8/uint8 ranges, computed at first use.
+    calibration: Calibration,
 }
 
 impl Model {
@@ -210,6 +216,7 @@ impl Model {
             encoder,
             max_tokens,
             dims: width.min(spec.dims),
+            calibration: Calibration::default(),
         })
     }
 
@@ -238,8 +245,15 @@ impl Model {
     }
 
     /// Tokenises one input, with `prefix` (a task prompt, or "") in front of a text, and cuts it to the
-    /// model's maximum.
-    pub fn tokenize(&self, input: &Input, prefix: &str) -> Result<Tokens, ModelError> {
+    /// model's maximum from the end or the start: a text keeps its special tokens either way (the tokens
+    /// sentence-transformers keeps with `truncation_side` right or left); ids sent as they are lose their
+    /// last or first ones.
+    pub fn tokenize(
+        &self,
+        input: &Input,
+        prefix: &str,
+        direction: TruncationDirection,
+    ) -> Result<Tokens, ModelError> {
         let mut ids = match input {
             Input::Text(text) if prefix.is_empty() => self.tokenizer.encode(text)?,
             Input::Text(text) => self.tokenizer.encode(&format!("{prefix}{text}"))?,
@@ -256,10 +270,77 @@ impl Model {
         };
         let untruncated = ids.len();
         match input {
-            Input::Text(_) => self.tokenizer.truncate(&mut ids, self.max_tokens),
-            Input::Ids(_) => ids.truncate(self.max_tokens),
+            Input::Text(_) => self
+                .tokenizer
+                .truncate(&mut ids, self.max_tokens, direction),
+            Input::Ids(_) => tokenize::truncate_ids(&mut ids, self.max_tokens, direction),
         }
         Ok(Tokens { ids, untruncated })
+    }
+
+    /// Every token of `prefix` + `text`, untruncated, with byte offsets into that string; the special tokens
+    /// only if `add_special_tokens`.
+    pub fn token_spans(
+        &self,
+        text: &str,
+        prefix: &str,
+        add_special_tokens: bool,
+    ) -> Result<Vec<TokenSpan>, ModelError> {
+        if prefix.is_empty() {
+            self.tokenizer.spans(text, add_special_tokens)
+        } else {
+            self.tokenizer
+                .spans(&format!("{prefix}{text}"), add_special_tokens)
+        }
+    }
+
+    /// The text of token ids; an id outside the vocabulary is an [`ErrorKind::InvalidInput`].
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, ModelError> {
+        self.tokenizer.decode(ids, skip_special_tokens)
+    }
+
+    /// The int8/uint8 ranges of every width a request can get (see [`Model::allowed_dims`]), from the
+    /// calibration sentences through this model's engine as a request that names no prompt has them embedded
+    /// (the default prompt, if the model has one; cut at the end). Computed on the first call, in fixed
+    /// batches so that they are the same on every run; a concurrent first call waits for that one.
+    pub fn quantization_ranges(&self) -> Result<Arc<Calibrated>, ModelError> {
+        let mut dims = self.allowed_dims();
+        if !dims.contains(&self.dims) {
+            // Weights narrower than the catalog's widths (a test fixture) are served at their own width.
+            dims.push(self.dims);
+        }
+        let mut computed = false;
+        let calibrated = self.calibration.get_or_compute(&dims, |sentences| {
+            computed = true;
+            let tokens = sentences
+                .iter()
+                .map(|s| {
+                    let input = Input::Text(s.to_string());
+                    self.tokenize(
+                        &input,
+                        self.spec.default_prompt(),
+                        TruncationDirection::Right,
+                    )
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let batch: Vec<&[u32]> = tokens.iter().map(|t| t.ids.as_slice()).collect();
+            Ok(self
+                .encode(&batch)?
+                .into_iter()
+                .map(|pooled| {
+                    dims.iter()
+                        .map(|&d| self.finish(pooled.clone(), d))
+                        .collect()
+                })
+                .collect())
+        })?;
+        if computed {
+            eprintln!(
+                "calibrated the int8/uint8 ranges of {} on {} sentences in {:.2} s",
+                self.spec.name, calibrated.sentences, calibrated.seconds
+            );
+        }
+        Ok(calibrated)
     }
 
     /// Pooled vectors of full width for a batch of tokenised inputs; `finish` turns each into an embedding.
@@ -289,7 +370,13 @@ impl Model {
     pub fn embed(&self, inputs: &[Input]) -> Result<Vec<Vec<f32>>, ModelError> {
         let tokens = inputs
             .iter()
-            .map(|input| self.tokenize(input, self.spec.default_prompt()))
+            .map(|input| {
+                self.tokenize(
+                    input,
+                    self.spec.default_prompt(),
+                    TruncationDirection::Right,
+                )
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let batch: Vec<&[u32]> = tokens.iter().map(|t| t.ids.as_slice()).collect();
         let pooled = self.encode(&batch)?;

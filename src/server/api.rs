@@ -5,7 +5,8 @@
 use serde_json::{json, Map, Value};
 
 use super::errors::{excerpt, ApiError};
-use crate::models::{Input, Model, Source};
+use crate::models::quantize::{Calibrated, Compact, Precision};
+use crate::models::{Input, Model, ModelSpec, Source, TruncationDirection};
 
 /// Which of the two embedding APIs a request came through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,6 +22,8 @@ pub enum EncodingFormat {
     Float,
     /// Little-endian f32, base64-encoded, as OpenAI sends it.
     Base64,
+    /// Integers, as sentence-transformers' `quantize_embeddings` gives them.
+    Compact(Precision),
 }
 
 /// A parsed embedding request.
@@ -34,9 +37,11 @@ pub struct EmbedRequest {
     pub task: Option<String>,
     /// `Some(false)`: refuse over-long inputs instead of truncating them.
     pub truncate: Option<bool>,
+    /// Which end truncation cuts off.
+    pub truncation_direction: TruncationDirection,
 }
 
-/// Refuses a body that is not declared JSON (415), as every embedding route but Ollama's does.
+/// Refuses a body that is not declared as JSON (415), as every embedding route but Ollama's does.
 pub fn require_json(content_type: Option<&str>) -> Result<(), ApiError> {
     let media = content_type.map(|c| {
         c.split(';')
@@ -55,8 +60,9 @@ pub fn require_json(content_type: Option<&str>) -> Result<(), ApiError> {
     }
 }
 
-/// A request body as a JSON object; `example` (such as `{"input": ["text"]}`) shows in the errors.
-/// serde_json stops at a nesting of 128 on its own, which keeps a hostile body from exhausting the stack.
+/// The body as a JSON object; `example` is shown to a client that sent something else. The deepest
+/// nesting a valid request can have is 3 (`{"input": [[1, 2]]}`); serde_json stops at 128 on its own,
+/// which keeps a hostile body from exhausting the stack.
 pub fn json_object(body: &[u8], example: &str) -> Result<Map<String, Value>, ApiError> {
     let text = std::str::from_utf8(body).map_err(|e| {
         ApiError::invalid(format!(
@@ -79,9 +85,37 @@ pub fn json_object(body: &[u8], example: &str) -> Result<Map<String, Value>, Api
     }
 }
 
-/// `/v1/embeddings` and `/v1/encode`.
+/// The prefix of a task prompt (`"search_query: "`): the model's default prompt (often "") when the
+/// request names none, as sentence-transformers does; a 400 about `param` (the field the client named it
+/// in) naming the known tasks for a task the model does not know.
+pub fn prompt_prefix<'a>(
+    spec: &'a ModelSpec,
+    task: Option<&str>,
+    param: &str,
+) -> Result<&'a str, ApiError> {
+    match task {
+        None => Ok(spec.default_prompt()),
+        Some(_) if spec.prompts.is_empty() => Err(ApiError::invalid_param(
+            param,
+            format!("{} takes no task prompts.", spec.name),
+        )),
+        Some(task) => spec.prompt(task).ok_or_else(|| {
+            let tasks: Vec<&str> = spec.prompts.iter().map(|(t, _)| t.as_str()).collect();
+            ApiError::invalid_param(
+                param,
+                format!(
+                    "Unknown task `{}`; {} knows: {}.",
+                    excerpt(task),
+                    spec.name,
+                    tasks.join(", ")
+                ),
+            )
+        }),
+    }
+}
+
 pub fn parse_embed_request(body: &[u8]) -> Result<EmbedRequest, ApiError> {
-    let fields = json_object(body, r#"{"input": ["text"]}"#)?;
+    let fields = json_object(body, "{\"input\": [\"text\"]}")?;
     // OpenAI's clients send `user`; nothing reads it, but a non-string is as malformed as anywhere else.
     optional_string(&fields, "user")?;
     Ok(EmbedRequest {
@@ -90,15 +124,18 @@ pub fn parse_embed_request(body: &[u8]) -> Result<EmbedRequest, ApiError> {
         encoding_format: match optional_string(&fields, "encoding_format")?.as_deref() {
             None | Some("float") => EncodingFormat::Float,
             Some("base64") => EncodingFormat::Base64,
-            Some(other) => {
-                return Err(ApiError::invalid_param(
-                    "encoding_format",
-                    format!(
-                        "encoding_format must be \"float\" or \"base64\", not `{}`.",
-                        excerpt(other)
-                    ),
-                ))
-            }
+            Some(other) => match Precision::from_name(other) {
+                Some(precision) => EncodingFormat::Compact(precision),
+                None => {
+                    return Err(ApiError::invalid_param(
+                        "encoding_format",
+                        format!(
+                            "Unknown encoding_format `{}`; use float, base64, int8, uint8, binary or ubinary.",
+                            excerpt(other)
+                        ),
+                    ))
+                }
+            },
         },
         dimensions: optional_positive(&fields, "dimensions")?,
         task: match optional_string(&fields, "task")? {
@@ -106,6 +143,19 @@ pub fn parse_embed_request(body: &[u8]) -> Result<EmbedRequest, ApiError> {
             None => optional_string(&fields, "prompt_name")?,
         },
         truncate: optional_bool(&fields, "truncate")?,
+        truncation_direction: match optional_string(&fields, "truncation_direction")?.as_deref() {
+            None | Some("right" | "Right") => TruncationDirection::Right,
+            Some("left" | "Left") => TruncationDirection::Left,
+            Some(other) => {
+                return Err(ApiError::invalid_param(
+                    "truncation_direction",
+                    format!(
+                        "truncation_direction must be \"right\" (cut the end) or \"left\" (cut the start), not `{}`.",
+                        excerpt(other)
+                    ),
+                ))
+            }
+        },
     })
 }
 
@@ -218,33 +268,49 @@ pub fn parse_inputs(input: Option<&Value>, field: &str) -> Result<Vec<Input>, Ap
     }
 }
 
-/// Writes the embeddings response. `embeddings` are already at the width the client asked for.
+/// Embeddings in the form a client asked for.
+pub enum Vectors {
+    Float(Vec<Vec<f32>>),
+    Base64(Vec<Vec<f32>>),
+    Compact(Vec<Compact>),
+}
+
+impl Vectors {
+    fn len(&self) -> usize {
+        match self {
+            Vectors::Float(v) | Vectors::Base64(v) => v.len(),
+            Vectors::Compact(v) => v.len(),
+        }
+    }
+}
+
+/// Writes the embeddings response. `vectors` are at the width the client asked for, `dims` (reported as
+/// each item's `dims`, also for compact formats, whose arrays may be shorter).
 pub fn embeddings_response(
     model: &str,
-    embeddings: &[Vec<f32>],
-    format: EncodingFormat,
+    vectors: &Vectors,
+    dims: usize,
     prompt_tokens: usize,
 ) -> String {
-    let floats_per_item = embeddings.first().map_or(0, Vec::len);
-    let mut out = String::with_capacity(128 + embeddings.len() * (96 + floats_per_item * 12));
+    let mut out = String::with_capacity(128 + vectors.len() * (96 + dims * 12));
     out.push_str("{\"object\":\"list\",\"model\":");
     out.push_str(&Value::String(model.to_string()).to_string());
     out.push_str(",\"data\":[");
-    for (index, embedding) in embeddings.iter().enumerate() {
+    for index in 0..vectors.len() {
         if index > 0 {
             out.push(',');
         }
         out.push_str(&format!(
-            "{{\"object\":\"embedding\",\"index\":{index},\"dims\":{},\"embedding\":",
-            embedding.len()
+            "{{\"object\":\"embedding\",\"index\":{index},\"dims\":{dims},\"embedding\":"
         ));
-        match format {
-            EncodingFormat::Float => write_floats(&mut out, embedding),
-            EncodingFormat::Base64 => {
+        match vectors {
+            Vectors::Float(v) => write_floats(&mut out, &v[index]),
+            Vectors::Base64(v) => {
                 out.push('"');
-                write_base64_floats(&mut out, embedding);
+                write_base64_floats(&mut out, &v[index]);
                 out.push('"');
             }
+            Vectors::Compact(v) => write_integers(&mut out, &v[index]),
         }
         out.push('}');
     }
@@ -278,6 +344,25 @@ pub fn write_vectors(out: &mut String, vectors: &[Vec<f32>]) {
             out.push(',');
         }
         write_floats(out, vector);
+    }
+    out.push(']');
+}
+
+/// `[1,-2,…]`.
+pub fn write_integers(out: &mut String, compact: &Compact) {
+    use std::fmt::Write as _;
+    out.push('[');
+    let mut first = true;
+    let mut push = |value: i16| {
+        if !first {
+            out.push(',');
+        }
+        first = false;
+        let _ = write!(out, "{value}");
+    };
+    match compact {
+        Compact::Signed(values) => values.iter().for_each(|&v| push(i16::from(v))),
+        Compact::Unsigned(values) => values.iter().for_each(|&v| push(i16::from(v))),
     }
     out.push(']');
 }
@@ -359,8 +444,45 @@ pub fn model_card(model: &Model, created: u64) -> String {
         "normalized": spec.normalize,
         "source": source,
         "directory": directory,
+        "encoding_formats": encoding_formats(),
     })
     .to_string()
+}
+
+fn encoding_formats() -> Vec<&'static str> {
+    ["float", "base64"]
+        .into_iter()
+        .chain(Precision::ALL.map(Precision::name))
+        .collect()
+}
+
+/// `GET /v1/models/{id}/quantization`: the int8/uint8 ranges of each width, in the form
+/// `quantize_embeddings(..., ranges=np.array([min, max], dtype=np.float32))` takes; each value the shortest
+/// decimal that reads back as the same f32.
+pub fn quantization_card(model: &Model, calibrated: &Calibrated) -> String {
+    let mut out = json!({
+        "object": "quantization",
+        "model": model.spec.name,
+        "calibration": {
+            "sentences": calibrated.sentences,
+            "sha256": calibrated.sha256,
+        },
+    })
+    .to_string();
+    out.pop();
+    out.push_str(",\"ranges\":[");
+    for (i, (dims, ranges)) in calibrated.ranges.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&format!("{{\"dimensions\":{dims},\"min\":"));
+        write_floats(&mut out, &ranges.min);
+        out.push_str(",\"max\":");
+        write_floats(&mut out, &ranges.max);
+        out.push('}');
+    }
+    out.push_str("]}");
+    out
 }
 
 #[cfg(test)]

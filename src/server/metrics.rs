@@ -34,6 +34,16 @@ const FAMILIES: &[(&str, &str, &str)] = &[
         "Inputs cut to the model's maximum, by model.",
     ),
     (
+        "embedding_tokenizer_requests_total",
+        "counter",
+        "Requests to /tokenize and /decode answered with 200, by model and endpoint.",
+    ),
+    (
+        "embedding_tokenizer_tokens_total",
+        "counter",
+        "Tokens listed by /tokenize and ids decoded by /decode, by model and endpoint.",
+    ),
+    (
         "embedding_errors_total",
         "counter",
         "Requests answered with an error, by HTTP status.",
@@ -163,6 +173,13 @@ impl Metrics {
         self.add("embedding_inputs_total", &model, inputs as f64);
         self.add("embedding_tokens_total", &model, tokens as f64);
         self.add("embedding_truncated_inputs_total", &model, truncated as f64);
+    }
+
+    /// A successful `/tokenize` or `/decode` request.
+    pub fn record_tokenizer(&self, model: &str, endpoint: &str, tokens: usize) {
+        let labels = labels(&[("model", model), ("endpoint", endpoint)]);
+        self.add("embedding_tokenizer_requests_total", &labels, 1.0);
+        self.add("embedding_tokenizer_tokens_total", &labels, tokens as f64);
     }
 
     /// The time an embedding request took, whatever its outcome.

@@ -3,6 +3,7 @@
 
 pub mod api;
 mod auth;
+mod compact;
 mod config;
 mod dialects;
 mod errors;
@@ -13,6 +14,7 @@ pub mod notify;
 mod pipeline;
 mod queue;
 mod routes;
+mod tokens;
 mod ui;
 
 use std::io::Read;

@@ -4,12 +4,13 @@
 //! (`routes.rs`) and Ollama's, Cohere's and text-embeddings-inference's (`dialects/`) only translate their
 //! requests into an [`EmbedJob`] and the [`Embedded`] result into their answers.
 
-use std::time::Instant;
-
-use super::errors::{excerpt, ApiError};
+use super::api;
+use super::compact;
+use super::errors::ApiError;
 use super::queue::QueueError;
 use super::App;
-use crate::models::{ErrorKind, Input, Tokens};
+use crate::models::quantize::{Compact, Precision};
+use crate::models::{ErrorKind, Input, Tokens, TruncationDirection};
 
 /// What a dialect asks of the pipeline.
 pub struct EmbedJob {
@@ -21,8 +22,13 @@ pub struct EmbedJob {
     pub prompt: Prompt,
     /// `Some(false)` refuses over-long inputs; `None` follows `--no-truncate`.
     pub truncate: Option<bool>,
+    /// Which end of an over-long input is cut.
+    pub direction: TruncationDirection,
     /// `false` stops before the model's L2 normalisation (text-embeddings-inference's `normalize`).
     pub normalize: bool,
+    /// Compact forms wanted besides the floats (OpenAI's `encoding_format`, Cohere's `embedding_types`):
+    /// checked against the width, and calibrated, before the engine spends anything.
+    pub compact: Vec<Precision>,
     /// The `api` label of the request metrics.
     pub api: &'static str,
     /// The dialect's names for its fields, so that an error points at what the client sent.
@@ -38,6 +44,8 @@ pub struct Fields {
     pub dimensions: &'static str,
     /// What to send to have an over-long input cut, e.g. `"truncate": true`.
     pub truncate_hint: &'static str,
+    /// The compact formats: `encoding_format`, `embedding_types`.
+    pub compact: &'static str,
 }
 
 /// Which prompt goes in front of every text.
@@ -57,26 +65,25 @@ pub struct Embedded {
     /// The name of the model that computed them.
     pub model: String,
     pub vectors: Vec<Vec<f32>>,
+    /// The vectors again in each of the job's compact forms, in its order.
+    pub compact: Vec<Vec<Compact>>,
+    /// The width of every vector.
+    pub dims: usize,
     /// The tokens the model saw, summed over the inputs (after truncation, prompts included).
     pub tokens: usize,
 }
 
-/// Runs one job, and records its processing time whatever the outcome.
+/// Runs one job. (The router times the whole request, parsing included, for the processing metric.)
 pub fn embed(app: &App, job: EmbedJob) -> Result<Embedded, ApiError> {
-    let started = Instant::now();
-    let result = run(app, job);
-    app.metrics.record_processing(started.elapsed());
-    result
-}
-
-fn run(app: &App, job: EmbedJob) -> Result<Embedded, ApiError> {
     let EmbedJob {
         model,
         inputs,
         dimensions,
         prompt,
         truncate,
+        direction,
         normalize,
+        compact,
         api,
         fields,
     } = job;
@@ -111,45 +118,33 @@ fn run(app: &App, job: EmbedJob) -> Result<Embedded, ApiError> {
         }
     };
     let prefix = match &prompt {
-        // As sentence-transformers does: the model's default prompt when the request names none.
-        Prompt::None => spec.default_prompt(),
-        Prompt::FirstOf(names) => names
-            .iter()
-            .find_map(|n| spec.prompt(n))
-            .unwrap_or_else(|| spec.default_prompt()),
-        Prompt::Named { field, .. } if spec.prompts.is_empty() => {
-            return Err(ApiError::invalid_param(
-                field,
-                format!("{} takes no task prompts.", spec.name),
-            ))
-        }
-        Prompt::Named { name, field } => spec.prompt(name).ok_or_else(|| {
-            let tasks: Vec<&str> = spec.prompts.iter().map(|(t, _)| t.as_str()).collect();
-            ApiError::invalid_param(
-                field,
-                format!(
-                    "Unknown task `{}`; {} knows: {}.",
-                    excerpt(name),
-                    spec.name,
-                    tasks.join(", ")
-                ),
-            )
-        })?,
+        Prompt::None => api::prompt_prefix(spec, None, "")?,
+        Prompt::FirstOf(names) => match names.iter().find_map(|n| spec.prompt(n)) {
+            Some(prefix) => prefix,
+            None => api::prompt_prefix(spec, None, "")?,
+        },
+        Prompt::Named { name, field } => api::prompt_prefix(spec, Some(name), field)?,
     };
     let truncate = truncate.unwrap_or(limits.truncate);
+    let prepared = compact
+        .into_iter()
+        .map(|precision| compact::prepare(model, precision, dims, fields.compact))
+        .collect::<Result<Vec<_>, _>>()?;
 
     let mut tokenized: Vec<Tokens> = Vec::with_capacity(inputs.len());
     let mut total = 0usize;
     for (index, input) in inputs.iter().enumerate() {
-        let tokens = model.tokenize(input, prefix).map_err(|e| match e.kind {
-            ErrorKind::InvalidInput => {
-                ApiError::invalid_param(fields.input, format!("{} {index}: {e}", fields.input))
-            }
-            _ => {
-                eprintln!("error: tokenising input {index} for {}: {e}", spec.name);
-                ApiError::internal()
-            }
-        })?;
+        let tokens = model
+            .tokenize(input, prefix, direction)
+            .map_err(|e| match e.kind {
+                ErrorKind::InvalidInput => {
+                    ApiError::invalid_param(fields.input, format!("{} {index}: {e}", fields.input))
+                }
+                _ => {
+                    eprintln!("error: tokenising input {index} for {}: {e}", spec.name);
+                    ApiError::internal()
+                }
+            })?;
         if !truncate && tokens.untruncated > model.max_tokens() {
             return Err(ApiError::invalid_param(
                 fields.input,
@@ -209,11 +204,17 @@ fn run(app: &App, job: EmbedJob) -> Result<Embedded, ApiError> {
             }
         })
         .collect();
+    let compact = prepared
+        .iter()
+        .map(|prepared| compact::convert(prepared, &vectors))
+        .collect::<Result<Vec<_>, _>>()?;
     app.metrics
         .record_request(&spec.name, api, count, total, truncated);
     Ok(Embedded {
         model: spec.name.clone(),
         vectors,
+        compact,
+        dims,
         tokens: total,
     })
 }

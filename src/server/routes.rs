@@ -3,12 +3,13 @@
 //! answered with a 500 while the worker thread goes on.
 
 use std::panic::AssertUnwindSafe;
+use std::time::Instant;
 
-use super::api::{self, Api, EmbedRequest};
+use super::api::{self, Api, EmbedRequest, EncodingFormat, Vectors};
 use super::dialects::{cohere, ollama, tei, ErrorShape};
 use super::errors::{excerpt, ApiError};
 use super::pipeline::{self, EmbedJob, Embedded, Fields, Prompt};
-use super::App;
+use super::{compact, tokens, App};
 
 /// The API's OpenAPI 3.1 document, written by hand and kept true by tests/openapi.rs.
 const OPENAPI: &str = include_str!("../../assets/openapi.json");
@@ -161,6 +162,9 @@ pub struct Route {
     handler: Handler,
     /// Whose error body the route answers with, whatever goes wrong (401, 405, 413, 500 included).
     pub errors: ErrorShape,
+    /// An embedding route: the time of each of its requests, failed ones included, counts in the
+    /// original's `encode_request_processing_seconds`.
+    embeds: bool,
 }
 
 const fn route(path: &'static str, methods: &'static [&'static str], handler: Handler) -> Route {
@@ -169,10 +173,19 @@ const fn route(path: &'static str, methods: &'static [&'static str], handler: Ha
         methods,
         handler,
         errors: ErrorShape::OpenAi,
+        embeds: false,
     }
 }
 
 impl Route {
+    /// The same route, as an embedding route.
+    const fn embedding(self) -> Route {
+        Route {
+            embeds: true,
+            ..self
+        }
+    }
+
     /// The same route, answering its errors in `shape`.
     const fn speaking(self, shape: ErrorShape) -> Route {
         Route {
@@ -196,22 +209,35 @@ pub const ROUTES: &[Route] = &[
     route("/v1/models", &["GET"], models_list),
     route("/v1/models/", &["GET"], models_list),
     route("/v1/models/{id}", &["GET"], model_card),
-    route("/v1/encode", &["GET", "POST"], encode),
-    route("/v1/encode/", &["GET", "POST"], encode),
-    route("/v1/embeddings", &["POST"], embeddings),
-    route("/v1/embeddings/", &["POST"], embeddings),
-    route("/embeddings", &["POST"], embeddings),
-    route("/embeddings/", &["POST"], embeddings),
+    route("/v1/encode", &["GET", "POST"], encode).embedding(),
+    route("/v1/encode/", &["GET", "POST"], encode).embedding(),
+    route("/v1/embeddings", &["POST"], embeddings).embedding(),
+    route("/v1/embeddings/", &["POST"], embeddings).embedding(),
+    route("/embeddings", &["POST"], embeddings).embedding(),
+    route("/embeddings/", &["POST"], embeddings).embedding(),
+    route("/tokenize", &["POST"], tokens::tokenize),
+    route("/decode", &["POST"], tokens::decode),
+    route("/v1/models/{id}/quantization", &["GET"], quantization),
     // Ollama.
-    route("/api/embed", &["POST"], ollama::embed).speaking(ErrorShape::Ollama),
-    route("/api/embeddings", &["POST"], ollama::embeddings).speaking(ErrorShape::Ollama),
+    route("/api/embed", &["POST"], ollama::embed)
+        .embedding()
+        .speaking(ErrorShape::Ollama),
+    route("/api/embeddings", &["POST"], ollama::embeddings)
+        .embedding()
+        .speaking(ErrorShape::Ollama),
     route("/api/tags", &["GET"], ollama::tags).speaking(ErrorShape::Ollama),
     route("/api/version", &["GET"], ollama::version).speaking(ErrorShape::Ollama),
     // Cohere (v2).
-    route("/v2/embed", &["POST"], cohere::embed).speaking(ErrorShape::Cohere),
+    route("/v2/embed", &["POST"], cohere::embed)
+        .embedding()
+        .speaking(ErrorShape::Cohere),
     // text-embeddings-inference; `POST /` is what `InferenceClient(base_url=…)` calls.
-    route("/", &["POST"], tei::embed).speaking(ErrorShape::Tei),
-    route("/embed", &["POST"], tei::embed).speaking(ErrorShape::Tei),
+    route("/", &["POST"], tei::embed)
+        .embedding()
+        .speaking(ErrorShape::Tei),
+    route("/embed", &["POST"], tei::embed)
+        .embedding()
+        .speaking(ErrorShape::Tei),
     route("/info", &["GET"], tei::info).speaking(ErrorShape::Tei),
 ];
 
@@ -253,6 +279,12 @@ fn route_request(app: &App, request: &Incoming) -> Result<Outgoing, ApiError> {
         .iter()
         .find(|(route, _)| route.methods.contains(&request.method))
     {
+        Some((route, params)) if route.embeds => {
+            let started = Instant::now();
+            let result = (route.handler)(app, request, params);
+            app.metrics.record_processing(started.elapsed());
+            result
+        }
         Some((route, params)) => (route.handler)(app, request, params),
         None => {
             let allowed: Vec<&str> = rows
@@ -308,6 +340,12 @@ fn model_card(app: &App, _: &Incoming, params: &[&str]) -> Result<Outgoing, ApiE
     Ok(Outgoing::json(api::model_card(model, app.started)))
 }
 
+fn quantization(app: &App, _: &Incoming, params: &[&str]) -> Result<Outgoing, ApiError> {
+    let model = app.queue(params[0])?.model();
+    let calibrated = compact::ranges(model)?;
+    Ok(Outgoing::json(api::quantization_card(model, &calibrated)))
+}
+
 fn encode(app: &App, request: &Incoming, _: &[&str]) -> Result<Outgoing, ApiError> {
     embed(app, Api::Encode, request)
 }
@@ -325,6 +363,7 @@ fn embed(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiError> 
         dimensions,
         task,
         truncate,
+        truncation_direction,
     } = api::parse_embed_request(request.body)?;
     let job = EmbedJob {
         model,
@@ -338,7 +377,12 @@ fn embed(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiError> 
             None => Prompt::None,
         },
         truncate,
+        direction: truncation_direction,
         normalize: true,
+        compact: match encoding_format {
+            EncodingFormat::Compact(precision) => vec![precision],
+            _ => Vec::new(),
+        },
         api: match api {
             Api::Encode => "encode",
             Api::OpenAi => "embeddings",
@@ -347,16 +391,22 @@ fn embed(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiError> 
             input: "input",
             dimensions: "dimensions",
             truncate_hint: "\"truncate\": true",
+            compact: "encoding_format",
         },
     };
-    let embedded = pipeline::embed(app, job)?;
-    let body = api::embeddings_response(
-        &embedded.model,
-        &embedded.vectors,
-        encoding_format,
-        embedded.tokens,
-    );
-    Ok(Outgoing::embeddings(body, &embedded))
+    let mut embedded = pipeline::embed(app, job)?;
+    let count = embedded.vectors.len();
+    let vectors = match encoding_format {
+        EncodingFormat::Compact(_) => Vectors::Compact(embedded.compact.pop().unwrap_or_default()),
+        EncodingFormat::Base64 => Vectors::Base64(std::mem::take(&mut embedded.vectors)),
+        EncodingFormat::Float => Vectors::Float(std::mem::take(&mut embedded.vectors)),
+    };
+    let body = api::embeddings_response(&embedded.model, &vectors, embedded.dims, embedded.tokens);
+    Ok(Outgoing {
+        inputs: count,
+        tokens: embedded.tokens,
+        ..Outgoing::json(body)
+    })
 }
 
 #[cfg(test)]

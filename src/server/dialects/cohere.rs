@@ -6,8 +6,10 @@
 //! `input_type` picks the model's prompt of the same meaning where it has one (nomic's `search_query`,
 //! `search_document`, `classification`, `clustering`; `query`/`passage` style prompts for search); a model
 //! without such a prompt embeds the text as it is, since Cohere's clients must send the field.
-//! `truncate` is `END` (cut the end, the default), `START` (cut the start) or `NONE` (refuse over-long
-//! inputs). Texts only: `images` and image parts are refused.
+//! `embedding_types` are `float`, `base64` and the compact `int8`, `uint8`, `binary`, `ubinary` of
+//! `encoding_format` on `/v1/embeddings` (`server::compact`). `truncate` is `END` (cut the end, the
+//! default), `START` (cut the start, keeping `[CLS]`/`[SEP]`) or `NONE` (refuse over-long inputs). Texts
+//! only: `images` and image parts are refused.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -19,7 +21,8 @@ use super::super::errors::{excerpt, ApiError};
 use super::super::pipeline::{self, EmbedJob, Fields, Prompt};
 use super::super::routes::{Incoming, Outgoing};
 use super::super::App;
-use crate::models::{sha256_hex, Input};
+use crate::models::quantize::Precision;
+use crate::models::{sha256_hex, Input, TruncationDirection};
 
 /// `{"message": "…"}`, with the status as it is.
 pub fn error(error: &ApiError) -> (u16, String) {
@@ -35,19 +38,25 @@ enum EmbeddingType {
     Float,
     /// The float vector's little-endian bytes, base64-encoded.
     Base64,
+    /// int8, uint8, binary, ubinary: the compact vectors of `encoding_format` on `/v1/embeddings`.
+    Compact(Precision),
 }
 
 impl EmbeddingType {
-    const ALL: [(&'static str, EmbeddingType); 2] = [
-        ("float", EmbeddingType::Float),
-        ("base64", EmbeddingType::Base64),
-    ];
+    fn from_name(name: &str) -> Option<EmbeddingType> {
+        match name {
+            "float" => Some(EmbeddingType::Float),
+            "base64" => Some(EmbeddingType::Base64),
+            _ => Precision::from_name(name).map(EmbeddingType::Compact),
+        }
+    }
 
     fn name(self) -> &'static str {
-        EmbeddingType::ALL
-            .iter()
-            .find(|(_, t)| *t == self)
-            .map_or("float", |(name, _)| name)
+        match self {
+            EmbeddingType::Float => "float",
+            EmbeddingType::Base64 => "base64",
+            EmbeddingType::Compact(precision) => precision.name(),
+        }
     }
 }
 
@@ -85,19 +94,14 @@ pub fn embed(app: &App, request: &Incoming, _: &[&str]) -> Result<Outgoing, ApiE
         })?),
     };
     let types = embedding_types(&fields)?;
-    let truncate = match api::optional_string(&fields, "truncate")?
+    let (truncate, direction) = match api::optional_string(&fields, "truncate")?
         .map(|t| t.to_ascii_uppercase())
         .as_deref()
     {
-        None => None,
-        Some("END") => Some(true),
-        Some("NONE") => Some(false),
-        Some("START") => {
-            return Err(ApiError::invalid_param(
-                "truncate",
-                "truncate START is not supported yet; send END or NONE.",
-            ))
-        }
+        None => (None, TruncationDirection::Right),
+        Some("END") => (Some(true), TruncationDirection::Right),
+        Some("START") => (Some(true), TruncationDirection::Left),
+        Some("NONE") => (Some(false), TruncationDirection::Right),
         Some(_) => {
             return Err(ApiError::invalid_param(
                 "truncate",
@@ -137,16 +141,26 @@ pub fn embed(app: &App, request: &Incoming, _: &[&str]) -> Result<Outgoing, ApiE
             dimensions,
             prompt,
             truncate,
+            direction,
             normalize: true,
+            compact: types
+                .iter()
+                .filter_map(|kind| match kind {
+                    EmbeddingType::Compact(precision) => Some(*precision),
+                    _ => None,
+                })
+                .collect(),
             api: "cohere",
             fields: Fields {
                 input: "texts",
                 dimensions: "output_dimension",
                 truncate_hint: "\"truncate\": \"END\" or \"START\"",
+                compact: "embedding_types",
             },
         },
     )?;
 
+    let mut compact = embedded.compact.iter();
     let mut body = format!("{{\"id\":\"{}\",\"embeddings\":{{", response_id());
     for (i, kind) in types.iter().enumerate() {
         if i > 0 {
@@ -164,6 +178,17 @@ pub fn embed(app: &App, request: &Incoming, _: &[&str]) -> Result<Outgoing, ApiE
                     body.push('"');
                     api::write_base64_floats(&mut body, vector);
                     body.push('"');
+                }
+                body.push(']');
+            }
+            // The pipeline converted the compact types in the order they come here.
+            EmbeddingType::Compact(_) => {
+                body.push('[');
+                for (j, vector) in compact.next().into_iter().flatten().enumerate() {
+                    if j > 0 {
+                        body.push(',');
+                    }
+                    api::write_integers(&mut body, vector);
                 }
                 body.push(']');
             }
@@ -266,21 +291,15 @@ fn embedding_types(fields: &Map<String, Value>) -> Result<Vec<EmbeddingType>, Ap
     let mut types = Vec::new();
     for name in names {
         let name = name.as_str().unwrap_or("");
-        let kind = EmbeddingType::ALL
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, t)| *t)
-            .ok_or_else(|| {
-                let known: Vec<&str> = EmbeddingType::ALL.iter().map(|(n, _)| *n).collect();
-                ApiError::invalid_param(
-                    "embedding_types",
-                    format!(
-                        "Unknown embedding type `{}`; known: {}.",
-                        excerpt(name),
-                        known.join(", ")
-                    ),
-                )
-            })?;
+        let kind = EmbeddingType::from_name(name).ok_or_else(|| {
+            ApiError::invalid_param(
+                "embedding_types",
+                format!(
+                    "Unknown embedding type `{}`; known: float, int8, uint8, binary, ubinary, base64.",
+                    excerpt(name)
+                ),
+            )
+        })?;
         if !types.contains(&kind) {
             types.push(kind);
         }
@@ -330,8 +349,12 @@ mod tests {
             [EmbeddingType::Float]
         );
         assert_eq!(
-            types(json!({"embedding_types": ["base64", "float", "base64"]})).unwrap(),
-            [EmbeddingType::Base64, EmbeddingType::Float]
+            types(json!({"embedding_types": ["base64", "float", "base64", "ubinary"]})).unwrap(),
+            [
+                EmbeddingType::Base64,
+                EmbeddingType::Float,
+                EmbeddingType::Compact(Precision::Ubinary)
+            ]
         );
         for bad in [
             json!({"embedding_types": ["hex"]}),

@@ -18,12 +18,14 @@ use super::super::pipeline::{self, EmbedJob, Fields, Prompt};
 use super::super::routes::{Incoming, Outgoing};
 use super::super::App;
 use crate::models::catalog::Architecture;
-use crate::models::Input;
+use crate::models::{Input, TruncationDirection};
 
 const FIELDS: Fields = Fields {
     input: "input",
     dimensions: "dimensions",
     truncate_hint: "\"truncate\": true",
+    // Ollama has no compact forms.
+    compact: "",
 };
 
 /// `{"error": "…"}`, with the status as it is.
@@ -68,7 +70,9 @@ pub fn embed(app: &App, request: &Incoming, _: &[&str]) -> Result<Outgoing, ApiE
                 dimensions,
                 prompt: Prompt::None,
                 truncate,
+                direction: TruncationDirection::Right,
                 normalize: true,
+                compact: Vec::new(),
                 api: "ollama",
                 fields: FIELDS,
             },
@@ -108,7 +112,9 @@ pub fn embeddings(app: &App, request: &Incoming, _: &[&str]) -> Result<Outgoing,
             dimensions: None,
             prompt: Prompt::None,
             truncate: None,
+            direction: TruncationDirection::Right,
             normalize: true,
+            compact: Vec::new(),
             api: "ollama",
             fields: Fields {
                 input: "prompt",

@@ -15,6 +15,7 @@ use super::super::errors::{excerpt, ApiError};
 use super::super::pipeline::{self, EmbedJob, Fields, Prompt};
 use super::super::routes::{Incoming, Outgoing};
 use super::super::App;
+use crate::models::TruncationDirection;
 
 /// text-embeddings-inference's status and `error_type` for an error.
 pub fn error(error: &ApiError) -> (u16, String) {
@@ -45,14 +46,9 @@ pub fn embed(app: &App, request: &Incoming, _: &[&str]) -> Result<Outgoing, ApiE
     }
     let inputs = api::parse_inputs(fields.get("inputs"), "inputs")?;
     // text-embeddings-inference writes `Left`/`Right`; huggingface_hub sends `left`/`right`.
-    match api::optional_string(&fields, "truncation_direction")?.as_deref() {
-        None | Some("Right" | "right") => {}
-        Some("Left" | "left") => {
-            return Err(ApiError::invalid_param(
-                "truncation_direction",
-                "truncation_direction Left is not supported yet; send Right.",
-            ))
-        }
+    let direction = match api::optional_string(&fields, "truncation_direction")?.as_deref() {
+        None | Some("Right" | "right") => TruncationDirection::Right,
+        Some("Left" | "left") => TruncationDirection::Left,
         Some(other) => {
             return Err(ApiError::invalid_param(
                 "truncation_direction",
@@ -62,7 +58,7 @@ pub fn embed(app: &App, request: &Incoming, _: &[&str]) -> Result<Outgoing, ApiE
                 ),
             ))
         }
-    }
+    };
     // huggingface_hub passes `encoding_format` along when asked; this route writes floats only.
     match api::optional_string(&fields, "encoding_format")?.as_deref() {
         None | Some("float") => {}
@@ -90,12 +86,15 @@ pub fn embed(app: &App, request: &Incoming, _: &[&str]) -> Result<Outgoing, ApiE
                 None => Prompt::None,
             },
             truncate: api::optional_bool(&fields, "truncate")?,
+            direction,
             normalize: api::optional_bool(&fields, "normalize")?.unwrap_or(true),
+            compact: Vec::new(),
             api: "tei",
             fields: Fields {
                 input: "inputs",
                 dimensions: "dimensions",
                 truncate_hint: "\"truncate\": true",
+                compact: "encoding_format",
             },
         },
     )?;
