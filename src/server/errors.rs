@@ -1,5 +1,6 @@
-//! The API's errors: OpenAI's nested body `{"error":{"message","type","param","code"}}` with the right
-//! HTTP status, everywhere.
+//! The API's errors: one [`ApiError`] (status, message, field, code, headers) for every route, written as
+//! OpenAI's nested body `{"error":{"message","type","param","code"}}`, except on the routes of another
+//! API's dialect, which write the same error in that API's shape (`dialects::ErrorShape`).
 
 use serde_json::json;
 
@@ -57,6 +58,14 @@ impl ApiError {
         ApiError {
             param: Some(param.to_string()),
             ..ApiError::invalid(message)
+        }
+    }
+
+    /// 400: an empty list of inputs (text-embeddings-inference answers it apart from other mistakes).
+    pub fn empty_input(param: &str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            code: Some("empty_input"),
+            ..ApiError::invalid_param(param, message)
         }
     }
 

@@ -8,11 +8,13 @@ pub mod api;
 mod auth;
 mod compact;
 mod config;
+mod dialects;
 mod errors;
 mod front_door;
 mod lifecycle;
 mod metrics;
 pub mod notify;
+mod pipeline;
 mod probe;
 mod queue;
 mod routes;
@@ -28,6 +30,7 @@ use tiny_http::{Header, Response};
 use crate::models::Model;
 use auth::Auth;
 pub use config::{AuthConfig, DoorConfig, Limits, ProbeConfig, ServeConfig};
+pub use dialects::ErrorShape;
 use errors::ApiError;
 use front_door::{DoorSettings, FrontDoor};
 use lifecycle::Lifecycle;
@@ -58,6 +61,10 @@ pub struct App {
     cors_allow_origin: Option<String>,
     /// Whether the self-probe has gone through lately; `/health` reports it.
     health: Health,
+    /// Worker threads: the requests answered at once (text-embeddings-inference's `/info` reports it).
+    threads: usize,
+    /// The token budget of one engine batch (reported by `/info` too).
+    max_batch_tokens: usize,
 }
 
 impl App {
@@ -171,6 +178,8 @@ pub fn serve(config: ServeConfig, models: Vec<Model>) -> Result<(), String> {
         last_request: Mutex::new(Instant::now()),
         cors_allow_origin,
         health: prober.health(),
+        threads,
+        max_batch_tokens,
     });
     let server = tiny_http::Server::from_listener(internal, None)
         .map_err(|e| format!("cannot serve: {e}"))?;
@@ -331,10 +340,15 @@ fn answer(app: &App, mut request: tiny_http::Request) {
     }
     let limit = app.limits.max_body_bytes;
     let route_path = path.split('?').next().unwrap_or("").to_string();
+    // Errors met before the handler runs are still written in the shape of the route's API.
+    let error = |error| Outgoing::error_as(routes::error_shape(&method, &route_path), error);
 
-    let outgoing = match app.auth.check(&route_path, authorization.as_deref()) {
+    let outgoing = match app
+        .auth
+        .check(&method, &route_path, authorization.as_deref())
+    {
         _ if routes::is_cors_preflight(app, &method) => routes::cors_preflight(),
-        Err(error) => Outgoing::error(error),
+        Err(e) => error(e),
         Ok(()) => match read_body(request.as_reader(), limit) {
             Ok(body) => routes::handle(
                 app,
@@ -346,7 +360,7 @@ fn answer(app: &App, mut request: tiny_http::Request) {
                     probe,
                 },
             ),
-            Err(error) => Outgoing::error(error),
+            Err(e) => error(e),
         },
     };
     let outgoing = routes::with_cors(app, outgoing);

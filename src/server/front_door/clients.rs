@@ -107,7 +107,7 @@ impl Door {
         let open = self.shared.open.load(Ordering::SeqCst);
         if open >= self.settings.max_connections && !probe {
             let _ = stream.set_nonblocking(true);
-            let busy = self.error_response(&ApiError::too_many_connections());
+            let busy = self.error_response(&ApiError::too_many_connections(), ErrorShape::OpenAi);
             let _ = (&stream).write_all(&busy);
             self.metrics.record_error(503);
             return;
@@ -304,7 +304,17 @@ impl Door {
     /// Answers the client's current request itself, then closes the connection (the rest of its bytes
     /// cannot be trusted to start a request).
     pub(super) fn answer_and_close(&mut self, key: Key, error: &ApiError) {
-        let response = self.error_response(error);
+        let Some(c) = self.client(key) else {
+            return;
+        };
+        // In the shape of the API the request was for, as a worker would have written it.
+        let shape = c
+            .framer
+            .current()
+            .map_or(ErrorShape::OpenAi, |(method, target)| {
+                routes::error_shape(method, target.split('?').next().unwrap_or(""))
+            });
+        let response = self.error_response(error, shape);
         self.metrics.record_error(error.status);
         let Some(c) = self.client(key) else {
             return;
@@ -332,12 +342,11 @@ impl Door {
     }
 
     /// A complete response for one of the door's own answers.
-    pub(super) fn error_response(&self, error: &ApiError) -> Vec<u8> {
-        let body = error.body();
-        let reason = tiny_http::StatusCode(error.status).default_reason_phrase();
+    pub(super) fn error_response(&self, error: &ApiError, shape: ErrorShape) -> Vec<u8> {
+        let (status, body) = shape.render(error);
+        let reason = tiny_http::StatusCode(status).default_reason_phrase();
         let mut head = format!(
-            "HTTP/1.1 {} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
-            error.status,
+            "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
             body.len()
         );
         for (name, value) in &error.headers {

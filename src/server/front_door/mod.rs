@@ -42,9 +42,11 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::dialects::ErrorShape;
 use super::errors::{excerpt, ApiError};
 use super::lifecycle;
 use super::metrics::Metrics;
+use super::routes;
 use clients::{Client, Stage};
 use epoll::{Epoll, Waker, HANG_UP, READ, WRITE};
 use http::{ConnectionHeader, Progress, Refusal, Request, RequestFramer, ResponseFramer};
