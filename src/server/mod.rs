@@ -255,7 +255,7 @@ fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> Result<(), String>
 }
 
 /// The default `--max-connections` never exceeds this, however many files the host allows (container
-/// runtimes often allow a million): an idle connection costs a descriptor, about 250 bytes in the front
+/// runtimes often allow a million): an idle connection costs a descriptor, 250–400 bytes in the front
 /// door and 3–4 KiB of kernel memory, so this many cost at most about 256 MiB.
 const MOST_CONNECTIONS_BY_DEFAULT: usize = 65_536;
 
