@@ -383,12 +383,15 @@ impl Door {
         }
     }
 
+    /// The door is ready once every internal connection has answered its warm-up. Some may be carrying
+    /// clients' requests by then (clients that connect while the server starts are served at once), so
+    /// busy counts as answered.
     pub(super) fn check_ready(&mut self) {
         if self.ready.is_some()
             && self
                 .upstreams
                 .iter()
-                .all(|u| matches!(u.state, UpState::Idle))
+                .all(|u| matches!(u.state, UpState::Idle | UpState::Busy(_)))
         {
             if let Some(ready) = self.ready.take() {
                 let _ = ready.send(Ok(()));
