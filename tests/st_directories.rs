@@ -452,6 +452,16 @@ fn unsupported_directories_are_refused_naming_what_is_unsupported() {
         ),
         (
             "cls-newer",
+            Box::new(|m| {
+                edit_json(&m.join("tokenizer.json"), |t| {
+                    let next = t["model"]["vocab"].as_object().unwrap().len();
+                    t["model"]["vocab"]["zzzz"] = next.into();
+                })
+            }),
+            "do not belong together",
+        ),
+        (
+            "cls-newer",
             Box::new(|m| std::fs::remove_file(m.join("tokenizer.json")).unwrap()),
             "lacks tokenizer.json",
         ),

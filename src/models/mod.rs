@@ -208,6 +208,15 @@ impl Model {
                 spec.name, spec.dims
             );
         }
+        // Caught here, an id past the embedding table would otherwise be a 400 blaming the client's text.
+        if tokenizer.vocab_size() > encoder.vocab_size() {
+            return Err(ModelError::new(format!(
+                "{}: tokenizer.json has {} tokens but the model's embedding table only {}: they do not belong together",
+                spec.name,
+                tokenizer.vocab_size(),
+                encoder.vocab_size()
+            )));
+        }
         let max_tokens = spec.max_tokens.min(encoder.max_positions());
         Ok(Model {
             spec: spec.clone(),

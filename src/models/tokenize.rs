@@ -59,6 +59,11 @@ impl TextTokenizer {
         })
     }
 
+    /// How many ids the tokenizer can produce, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
     /// The ids of `text` with the model's special tokens, untruncated.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, ModelError> {
         let encoding = self

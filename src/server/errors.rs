@@ -136,6 +136,31 @@ impl ApiError {
         }
     }
 
+    /// 431: a request head (request line and headers) over the front door's limit.
+    pub fn head_too_large(bytes: usize, lines: usize) -> ApiError {
+        ApiError {
+            code: Some("request_header_fields_too_large"),
+            ..ApiError::new(
+                431,
+                "invalid_request_error",
+                format!("The request head exceeds {bytes} bytes or {lines} header lines."),
+            )
+        }
+    }
+
+    /// 503 at the connection cap.
+    pub fn too_many_connections() -> ApiError {
+        ApiError {
+            code: Some("too_many_connections"),
+            headers: vec![("Retry-After", "1".into())],
+            ..ApiError::new(
+                503,
+                "server_error",
+                "Too many open connections; retry shortly.",
+            )
+        }
+    }
+
     pub fn unsupported_media_type(found: &str) -> ApiError {
         ApiError {
             code: Some("unsupported_media_type"),

@@ -20,6 +20,8 @@ pub struct Incoming<'a> {
     pub path: &'a str,
     pub content_type: Option<&'a str>,
     pub body: &'a [u8],
+    /// The server's own probe (`probe.rs`), marked by the front door.
+    pub probe: bool,
 }
 
 /// A handler's answer.
@@ -311,10 +313,18 @@ fn openapi(_: &App, _: &Incoming, _: &[&str]) -> Result<Outgoing, ApiError> {
     Ok(Outgoing::json(OPENAPI.into()))
 }
 
-fn health(app: &App, _: &Incoming, _: &[&str]) -> Result<Outgoing, ApiError> {
+fn health(app: &App, request: &Incoming, _: &[&str]) -> Result<Outgoing, ApiError> {
     if app.lifecycle.draining() {
         // Load balancers take this as the signal to stop sending here.
         return Err(ApiError::unavailable("The server is shutting down."));
+    }
+    // The probe's own request having got here is the success it measures; anyone else hears whether the
+    // probe has been getting through.
+    if !request.probe && !app.health.healthy() {
+        return Err(ApiError::unavailable(format!(
+            "The server's self-probe has not got through for {:.0} s; see the server's log.",
+            app.health.since_success().as_secs_f64()
+        )));
     }
     Ok(Outgoing::json(r#"{"status":"ok"}"#.into()))
 }
@@ -457,6 +467,7 @@ mod tests {
             path: "/v1/embeddings",
             content_type: None,
             body: b"",
+            probe: false,
         };
         let mut counted = 0;
         let outgoing = contain_panics(

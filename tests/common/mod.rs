@@ -52,6 +52,13 @@ impl Server {
         for (k, v) in env {
             command.env(k, v);
         }
+        Server::from_command(command)
+    }
+
+    /// Runs `command`, which must start the server with `--port 0` (e.g. through a shell that first moves
+    /// itself into a cgroup), and waits until it listens.
+    pub fn from_command(mut command: Command) -> Server {
+        command.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = command.spawn().expect("cannot start the server binary");
         let stdout = child.stdout.take().unwrap();
         let stderr = child.stderr.take().unwrap();
@@ -94,6 +101,11 @@ impl Server {
             port,
             stderr: log,
         }
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Sends `signal` (e.g. "TERM") to the server process.
@@ -174,7 +186,7 @@ pub struct Response {
 }
 
 impl Response {
-    fn parse(raw: &[u8]) -> Response {
+    pub fn parse(raw: &[u8]) -> Response {
         let split = raw
             .windows(4)
             .position(|w| w == b"\r\n\r\n")
