@@ -436,6 +436,58 @@ fn cohere_start_and_tei_left_cut_the_start_as_v1_embeddings_left_does() {
 }
 
 #[test]
+fn cohere_max_tokens_cuts_each_input_there_from_either_end() {
+    let s = server();
+    let case = cases()
+        .into_iter()
+        .find(|c| c["category"] == "long")
+        .unwrap();
+    let ids: Vec<u64> = case["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    // [CLS], the text's first 9 tokens and [SEP]: what cutting the end at 11 tokens keeps.
+    let head: Vec<u64> = ids[..10]
+        .iter()
+        .chain(&ids[ids.len() - 1..])
+        .copied()
+        .collect();
+    let text = case["text"].as_str().unwrap();
+    let response = s.post(
+        "/v2/embed",
+        &json!({"model": MODEL, "texts": [text], "max_tokens": 11, "truncate": "END"}),
+    );
+    assert_eq!(response.status, 200, "{}", response.text());
+    let body = response.json();
+    assert_eq!(body["meta"]["billed_units"]["input_tokens"], 11);
+    assert_same(
+        &vectors(&body["embeddings"]["float"]),
+        &openai(s, json!({"input": [head]})),
+        "max_tokens END",
+    );
+    let response = s.post(
+        "/v2/embed",
+        &json!({"model": MODEL, "texts": [text], "max_tokens": 11, "truncate": "START"}),
+    );
+    assert_eq!(response.json()["meta"]["billed_units"]["input_tokens"], 11);
+    let response = s.post(
+        "/v2/embed",
+        &json!({"model": MODEL, "texts": ["one two three four five"], "max_tokens": 4, "truncate": "NONE"}),
+    );
+    assert_eq!(response.status, 400);
+    let message = assert_error_shape(&response, &["message"], "max_tokens NONE")["message"].clone();
+    assert!(message.as_str().unwrap().contains("at most 4"), "{message}");
+    // A bound above the model's maximum changes nothing.
+    let response = s.post(
+        "/v2/embed",
+        &json!({"model": MODEL, "texts": [text], "max_tokens": 100000}),
+    );
+    assert_eq!(response.json()["meta"]["billed_units"]["input_tokens"], 256);
+}
+
+#[test]
 fn cohere_input_type_picks_the_prompt_of_the_same_meaning() {
     let (s, _) = nomic();
     let expected = nomic_expected();

@@ -263,6 +263,19 @@ impl Model {
         prefix: &str,
         direction: TruncationDirection,
     ) -> Result<Tokens, ModelError> {
+        self.tokenize_within(input, prefix, direction, self.max_tokens)
+    }
+
+    /// [`Model::tokenize`], cutting at `limit` tokens (a request's own bound, such as Cohere's
+    /// `max_tokens`) where that is below the model's maximum.
+    pub fn tokenize_within(
+        &self,
+        input: &Input,
+        prefix: &str,
+        direction: TruncationDirection,
+        limit: usize,
+    ) -> Result<Tokens, ModelError> {
+        let limit = limit.min(self.max_tokens);
         let mut ids = match input {
             Input::Text(text) if prefix.is_empty() => self.tokenizer.encode(text)?,
             Input::Text(text) => self.tokenizer.encode(&format!("{prefix}{text}"))?,
@@ -279,10 +292,8 @@ impl Model {
         };
         let untruncated = ids.len();
         match input {
-            Input::Text(_) => self
-                .tokenizer
-                .truncate(&mut ids, self.max_tokens, direction),
-            Input::Ids(_) => tokenize::truncate_ids(&mut ids, self.max_tokens, direction),
+            Input::Text(_) => self.tokenizer.truncate(&mut ids, limit, direction),
+            Input::Ids(_) => tokenize::truncate_ids(&mut ids, limit, direction),
         }
         Ok(Tokens { ids, untruncated })
     }

@@ -24,6 +24,8 @@ pub struct EmbedJob {
     pub truncate: Option<bool>,
     /// Which end of an over-long input is cut.
     pub direction: TruncationDirection,
+    /// The request's own bound on each input's tokens (Cohere's `max_tokens`), where below the model's.
+    pub max_tokens: Option<usize>,
     /// `false` stops before the model's L2 normalisation (text-embeddings-inference's `normalize`).
     pub normalize: bool,
     /// Compact forms wanted besides the floats (OpenAI's `encoding_format`, Cohere's `embedding_types`):
@@ -82,6 +84,7 @@ pub fn embed(app: &App, job: EmbedJob) -> Result<Embedded, ApiError> {
         prompt,
         truncate,
         direction,
+        max_tokens,
         normalize,
         compact,
         api,
@@ -126,6 +129,7 @@ pub fn embed(app: &App, job: EmbedJob) -> Result<Embedded, ApiError> {
         Prompt::Named { name, field } => api::prompt_prefix(spec, Some(name), field)?,
     };
     let truncate = truncate.unwrap_or(limits.truncate);
+    let limit = max_tokens.map_or(model.max_tokens(), |m| m.min(model.max_tokens()));
     let prepared = compact
         .into_iter()
         .map(|precision| compact::prepare(model, precision, dims, fields.compact))
@@ -135,7 +139,7 @@ pub fn embed(app: &App, job: EmbedJob) -> Result<Embedded, ApiError> {
     let mut total = 0usize;
     for (index, input) in inputs.iter().enumerate() {
         let tokens = model
-            .tokenize(input, prefix, direction)
+            .tokenize_within(input, prefix, direction, limit)
             .map_err(|e| match e.kind {
                 ErrorKind::InvalidInput => {
                     ApiError::invalid_param(fields.input, format!("{} {index}: {e}", fields.input))
@@ -145,16 +149,17 @@ pub fn embed(app: &App, job: EmbedJob) -> Result<Embedded, ApiError> {
                     ApiError::internal()
                 }
             })?;
-        if !truncate && tokens.untruncated > model.max_tokens() {
+        if !truncate && tokens.untruncated > limit {
+            let bound = if limit < model.max_tokens() {
+                format!("the request allows at most {limit}")
+            } else {
+                format!("{} takes at most {limit}", spec.name)
+            };
             return Err(ApiError::invalid_param(
                 fields.input,
                 format!(
-                    "{} {index} has {} tokens; {} takes at most {} (send {} to cut it).",
-                    fields.input,
-                    tokens.untruncated,
-                    spec.name,
-                    model.max_tokens(),
-                    fields.truncate_hint
+                    "{} {index} has {} tokens; {bound} (send {} to cut it).",
+                    fields.input, tokens.untruncated, fields.truncate_hint
                 ),
             ));
         }

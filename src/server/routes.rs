@@ -388,6 +388,7 @@ fn embed(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiError> 
         },
         truncate,
         direction: truncation_direction,
+        max_tokens: None,
         normalize: true,
         compact: match encoding_format {
             EncodingFormat::Compact(precision) => vec![precision],

@@ -8,8 +8,9 @@
 //! without such a prompt embeds the text as it is, since Cohere's clients must send the field.
 //! `embedding_types` are `float`, `base64` and the compact `int8`, `uint8`, `binary`, `ubinary` of
 //! `encoding_format` on `/v1/embeddings` (`server::compact`). `truncate` is `END` (cut the end, the
-//! default), `START` (cut the start, keeping `[CLS]`/`[SEP]`) or `NONE` (refuse over-long inputs). Texts
-//! only: `images` and image parts are refused.
+//! default), `START` (cut the start, keeping `[CLS]`/`[SEP]`) or `NONE` (refuse over-long inputs), at the
+//! model's maximum or at `max_tokens` where that is lower. Texts only: `images` and image parts are
+//! refused.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -110,18 +111,7 @@ pub fn embed(app: &App, request: &Incoming, _: &[&str]) -> Result<Outgoing, ApiE
         }
     };
     let dimensions = api::optional_positive(&fields, "output_dimension")?;
-    if let Some(max_tokens) = api::optional_positive(&fields, "max_tokens")? {
-        let queue = app.queue(model.as_deref().unwrap_or(&app.default_model))?;
-        let limit = queue.model().max_tokens();
-        if max_tokens < limit {
-            return Err(ApiError::invalid_param(
-                "max_tokens",
-                format!(
-                    "max_tokens below the model's maximum ({limit}) is not supported; leave it out to cut inputs at {limit} tokens."
-                ),
-            ));
-        }
-    }
+    let max_tokens = api::optional_positive(&fields, "max_tokens")?;
     match fields.get("priority") {
         None | Some(Value::Null) => {}
         Some(v) if v.as_f64().is_some_and(|f| f.fract() == 0.0) => {}
@@ -142,6 +132,7 @@ pub fn embed(app: &App, request: &Incoming, _: &[&str]) -> Result<Outgoing, ApiE
             prompt,
             truncate,
             direction,
+            max_tokens,
             normalize: true,
             compact: types
                 .iter()

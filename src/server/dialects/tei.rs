@@ -87,6 +87,7 @@ pub fn embed(app: &App, request: &Incoming, _: &[&str]) -> Result<Outgoing, ApiE
             },
             truncate: api::optional_bool(&fields, "truncate")?,
             direction,
+            max_tokens: None,
             normalize: api::optional_bool(&fields, "normalize")?.unwrap_or(true),
             compact: Vec::new(),
             api: "tei",
