@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use catalog::Architecture;
-pub use catalog::{ModelSpec, Pooling, CATALOG};
+pub use catalog::{ModelSpec, Pooling, ScoreActivation, Task, CATALOG};
 use config::ModelConfig;
 use tokenize::TextTokenizer;
 
@@ -80,21 +80,96 @@ pub enum Input {
 }
 
 /// An input ready for the encoder.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Tokens {
     /// At most the model's maximum, special tokens included.
     pub ids: Vec<u32>,
+    /// For a pair of texts, each token's segment (0 for `[CLS] query [SEP]`, 1 for `document [SEP]`);
+    /// `None` for a single text, all segment 0.
+    pub token_types: Option<Vec<u32>>,
     /// How many tokens the input had before truncation.
     pub untruncated: usize,
 }
 
-/// An architecture: token ids in, one pooled (not yet normalised) vector per sequence out.
+impl Tokens {
+    /// The input as the encoder takes it.
+    pub fn sequence(&self) -> Sequence<'_> {
+        Sequence {
+            ids: &self.ids,
+            token_types: self.token_types.as_deref(),
+        }
+    }
+}
+
+/// One input of a batch as the encoder sees it: token ids, and for a pair of texts (a cross-encoder's
+/// query and document) the segment of each token; without them every token is segment 0.
+#[derive(Debug, Clone, Copy)]
+pub struct Sequence<'a> {
+    pub ids: &'a [u32],
+    pub token_types: Option<&'a [u32]>,
+}
+
+impl<'a> Sequence<'a> {
+    /// A single text's ids, all in segment 0.
+    pub fn single(ids: &'a [u32]) -> Sequence<'a> {
+        Sequence {
+            ids,
+            token_types: None,
+        }
+    }
+
+    /// The segment of token `i`.
+    pub fn token_type(&self, i: usize) -> u32 {
+        self.token_types.map_or(0, |t| t[i])
+    }
+}
+
+/// Refuses a batch the weights cannot run: an empty sequence, one longer than the positions, an id
+/// outside the vocabulary, token types of another length or outside `0..type_vocab`.
+fn check_batch(
+    batch: &[Sequence],
+    max_positions: usize,
+    vocab: usize,
+    type_vocab: usize,
+) -> Result<(), ModelError> {
+    for sequence in batch {
+        let len = sequence.ids.len();
+        if len == 0 || len > max_positions {
+            return Err(ModelError::invalid(format!(
+                "a sequence of {len} tokens cannot be encoded (1..={max_positions} tokens)"
+            )));
+        }
+        if let Some(bad) = sequence.ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(ModelError::invalid(format!(
+                "token id {bad} is outside the vocabulary (0..{vocab})"
+            )));
+        }
+        if let Some(types) = sequence.token_types {
+            if types.len() != len {
+                return Err(ModelError::invalid(format!(
+                    "{} token types for {len} tokens",
+                    types.len()
+                )));
+            }
+            if let Some(bad) = types.iter().find(|&&t| t as usize >= type_vocab) {
+                return Err(ModelError::invalid(format!(
+                    "token type {bad} is outside the model's {type_vocab} segments"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An architecture: token ids in, one pooled (not yet normalised) vector per sequence out; for a
+/// cross-encoder, its logits.
 pub trait Encoder: Send + Sync {
     /// The longest sequence the weights can position.
     fn max_positions(&self) -> usize;
     fn vocab_size(&self) -> usize;
-    /// Pooled final states, in the order of `batch`. Sequences may differ in length.
-    fn encode(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, ModelError>;
+    /// Pooled final states (a cross-encoder: logits), in the order of `batch`. Sequences may differ in
+    /// length.
+    fn encode(&self, batch: &[Sequence]) -> Result<Vec<Vec<f32>>, ModelError>;
 }
 
 /// Where a model's files come from.
@@ -188,8 +263,27 @@ impl Model {
         let tokenizer = TextTokenizer::from_bytes(&source.read(spec, "tokenizer.json")?)?;
         let weights = source.read(spec, "model.safetensors")?;
         let width = config.width()?;
+        let labels = match spec.task {
+            Task::Embed => None,
+            Task::Rerank => {
+                let labels = config.labels();
+                if labels.len() != 1 {
+                    return Err(ModelError::new(format!(
+                        "{}/config.json: a classifier with {} labels ({}); a reranker gives one relevance score \
+                         per pair, so this server serves one-label cross-encoders only (sentence-transformers' \
+                         CrossEncoder.rank requires num_labels=1 too)",
+                        spec.name,
+                        labels.len(),
+                        labels.join(", ")
+                    )));
+                }
+                Some(1)
+            }
+        };
         let encoder: Box<dyn Encoder> = match spec.architecture {
-            Architecture::Bert => Box::new(bert::Bert::load(&config, &weights, spec.pooling)?),
+            Architecture::Bert => {
+                Box::new(bert::Bert::load(&config, &weights, spec.pooling, labels)?)
+            }
             Architecture::NomicBert => Box::new(nomic_bert::NomicBert::load(
                 &config,
                 &weights,
@@ -259,11 +353,51 @@ impl Model {
             Input::Text(_) => self.tokenizer.truncate(&mut ids, self.max_tokens),
             Input::Ids(_) => ids.truncate(self.max_tokens),
         }
-        Ok(Tokens { ids, untruncated })
+        Ok(Tokens {
+            ids,
+            token_types: None,
+            untruncated,
+        })
     }
 
-    /// Pooled vectors of full width for a batch of tokenised inputs; `finish` turns each into an embedding.
+    /// A reranker's inputs: `query` (after the model's default prompt, which sentence-transformers puts in
+    /// front of a pair's first text) with each document, as `[CLS] query [SEP] document [SEP]` with token
+    /// types, cut `longest_first` to the model's maximum.
+    pub fn tokenize_pairs(
+        &self,
+        query: &str,
+        documents: &[&str],
+    ) -> Result<Vec<Tokens>, ModelError> {
+        let prompt = self.spec.default_prompt();
+        let query = if prompt.is_empty() {
+            self.tokenizer.encode_plain(query)?
+        } else {
+            self.tokenizer.encode_plain(&format!("{prompt}{query}"))?
+        };
+        documents
+            .iter()
+            .map(|document| {
+                let pair = self
+                    .tokenizer
+                    .encode_pair(&query, document, self.max_tokens)?;
+                Ok(Tokens {
+                    ids: pair.ids,
+                    token_types: Some(pair.token_types),
+                    untruncated: pair.untruncated,
+                })
+            })
+            .collect()
+    }
+
+    /// Pooled vectors of full width for a batch of tokenised single texts; `finish` turns each into an
+    /// embedding.
     pub fn encode(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let sequences: Vec<Sequence> = batch.iter().map(|ids| Sequence::single(ids)).collect();
+        self.encode_sequences(&sequences)
+    }
+
+    /// [`Model::encode`] for inputs that may carry token types (pairs of texts); a reranker's logits.
+    pub fn encode_sequences(&self, batch: &[Sequence]) -> Result<Vec<Vec<f32>>, ModelError> {
         let pooled = self.encoder.encode(batch)?;
         if pooled.iter().flatten().any(|x| !x.is_finite()) {
             return Err(ModelError::internal(
@@ -276,6 +410,24 @@ impl Model {
     /// The embedding of width `dims` (one of [`Model::allowed_dims`]) from a pooled vector.
     pub fn finish(&self, pooled: Vec<f32>, dims: usize) -> Vec<f32> {
         pooling::finish(&self.spec, pooled, dims)
+    }
+
+    /// A reranker's score from its logits (one label): the model's activation of the logit.
+    pub fn score(&self, logits: &[f32]) -> f32 {
+        pooling::score(self.spec.activation, logits)
+    }
+
+    /// Tokenise, encode and score `query` against each document in one call: `(score, logit)` per
+    /// document, in order, what sentence-transformers' `CrossEncoder.predict` gives (with and without its
+    /// activation).
+    pub fn rerank(&self, query: &str, documents: &[&str]) -> Result<Vec<(f32, f32)>, ModelError> {
+        let tokens = self.tokenize_pairs(query, documents)?;
+        let batch: Vec<Sequence> = tokens.iter().map(Tokens::sequence).collect();
+        let logits = self.encode_sequences(&batch)?;
+        Ok(logits
+            .iter()
+            .map(|l| (self.score(l), l.first().copied().unwrap_or(0.0)))
+            .collect())
     }
 
     /// Tokenise (with the model's default prompt, if it has one), encode and finish in one call, at full

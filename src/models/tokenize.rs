@@ -1,10 +1,23 @@
 //! Tokenisation as sentence-transformers does it: the model's tokenizer.json with its own truncation and
 //! padding switched off (all-MiniLM-L6-v2's says 128 and pads; sentence-transformers ignores both), and
-//! truncation at the model's maximum done here, keeping the closing special token.
+//! truncation at the model's maximum done here, keeping the closing special token. Pairs (a cross-encoder's
+//! query and document) are cut `longest_first`, by the tokenizers library's own rule, as the Python
+//! tokenizer cuts them when `CrossEncoder` asks for `truncation=True`.
 
-use tokenizers::Tokenizer;
+use tokenizers::utils::truncation;
+use tokenizers::{Encoding, PostProcessor, Tokenizer};
 
 use super::ModelError;
+
+/// A pair of texts ready for a cross-encoder.
+pub struct Pair {
+    /// `[CLS] query [SEP] document [SEP]`, at most the maximum asked for.
+    pub ids: Vec<u32>,
+    /// 0 for `[CLS] query [SEP]`, 1 for `document [SEP]`, as the tokenizer's template says.
+    pub token_types: Vec<u32>,
+    /// How many tokens the pair had before truncation.
+    pub untruncated: usize,
+}
 
 pub struct TextTokenizer {
     inner: Tokenizer,
@@ -43,6 +56,46 @@ impl TextTokenizer {
             .encode(text, true)
             .map_err(ModelError::internal)?;
         Ok(encoding.get_ids().to_vec())
+    }
+
+    /// The tokens of `text` without special tokens, untruncated: one side of a pair.
+    pub fn encode_plain(&self, text: &str) -> Result<Encoding, ModelError> {
+        self.inner.encode(text, false).map_err(ModelError::internal)
+    }
+
+    /// `query` (from [`TextTokenizer::encode_plain`]) and `document` as one input of at most `max` tokens,
+    /// with the template's special tokens and token types; when too long, the longer side is cut first
+    /// (`longest_first`, from the right).
+    pub fn encode_pair(
+        &self,
+        query: &Encoding,
+        document: &str,
+        max: usize,
+    ) -> Result<Pair, ModelError> {
+        let document = self.encode_plain(document)?;
+        let special = self
+            .inner
+            .get_post_processor()
+            .map_or(0, |p| p.added_tokens(true));
+        let untruncated = query.len() + document.len() + special;
+        let params = truncation::TruncationParams {
+            max_length: max.saturating_sub(special),
+            strategy: truncation::TruncationStrategy::LongestFirst,
+            stride: 0,
+            direction: truncation::TruncationDirection::Right,
+        };
+        let (query, document) =
+            truncation::truncate_encodings(query.clone(), Some(document), &params)
+                .map_err(ModelError::internal)?;
+        let pair = self
+            .inner
+            .post_process(query, document, true)
+            .map_err(ModelError::internal)?;
+        Ok(Pair {
+            ids: pair.get_ids().to_vec(),
+            token_types: pair.get_type_ids().to_vec(),
+            untruncated,
+        })
     }
 
     /// Cuts `ids` (as `encode` returned them) to `max` tokens the way the tokenizer's own truncation does:

@@ -4,7 +4,7 @@
 use serde_json::{json, Map, Value};
 
 use super::errors::{excerpt, ApiError};
-use crate::models::{Input, Model, Source};
+use crate::models::{Input, Model, Source, Task};
 
 /// Which of the two embedding APIs a request came through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,24 +38,7 @@ pub struct EmbedRequest {
 /// The deepest JSON nesting a valid request can have is 3 (`{"input": [[1, 2]]}`); serde_json stops at
 /// 128 on its own, which keeps a hostile body from exhausting the stack.
 pub fn parse_embed_request(body: &[u8]) -> Result<EmbedRequest, ApiError> {
-    let text = std::str::from_utf8(body).map_err(|e| {
-        ApiError::invalid(format!(
-            "The body is not valid UTF-8 (at byte {}).",
-            e.valid_up_to()
-        ))
-    })?;
-    if text.trim().is_empty() {
-        return Err(ApiError::invalid(
-            "The body is empty; send a JSON object such as {\"input\": [\"text\"]}.",
-        ));
-    }
-    let value: Value = serde_json::from_str(text)
-        .map_err(|e| ApiError::invalid(format!("The body is not valid JSON: {e}.")))?;
-    let Value::Object(fields) = value else {
-        return Err(ApiError::invalid(
-            "The body must be a JSON object such as {\"input\": [\"text\"]}.",
-        ));
-    };
+    let fields = json_object(body, r#"{"input": ["text"]}"#)?;
     // OpenAI's clients send `user`; nothing reads it, but a non-string is as malformed as anywhere else.
     optional_string(&fields, "user")?;
     Ok(EmbedRequest {
@@ -92,21 +75,69 @@ pub fn parse_embed_request(body: &[u8]) -> Result<EmbedRequest, ApiError> {
             Some(task) => Some(task),
             None => optional_string(&fields, "prompt_name")?,
         },
-        truncate: match fields.get("truncate") {
-            None | Some(Value::Null) => None,
-            Some(Value::Bool(b)) => Some(*b),
-            Some(_) => {
-                return Err(ApiError::invalid_param(
-                    "truncate",
-                    "truncate must be true or false.",
-                ))
-            }
-        },
+        truncate: optional_bool(&fields, "truncate")?,
     })
 }
 
+/// `true`, `false`, or absent (`null` counts as absent).
+pub(super) fn optional_bool(
+    fields: &Map<String, Value>,
+    key: &str,
+) -> Result<Option<bool>, ApiError> {
+    match fields.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(_) => Err(ApiError::invalid_param(
+            key,
+            format!("{key} must be true or false."),
+        )),
+    }
+}
+
+/// Refuses a body that is not declared JSON (415).
+pub fn require_json(content_type: Option<&str>) -> Result<(), ApiError> {
+    let media = content_type.map(|c| {
+        c.split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase()
+    });
+    if media
+        .as_deref()
+        .is_some_and(|m| m == "application/json" || m.ends_with("+json"))
+    {
+        Ok(())
+    } else {
+        Err(ApiError::unsupported_media_type(content_type.unwrap_or("")))
+    }
+}
+
+/// The body as a JSON object; `example` shows the shape in the error when it is not one.
+pub fn json_object(body: &[u8], example: &str) -> Result<Map<String, Value>, ApiError> {
+    let text = std::str::from_utf8(body).map_err(|e| {
+        ApiError::invalid(format!(
+            "The body is not valid UTF-8 (at byte {}).",
+            e.valid_up_to()
+        ))
+    })?;
+    if text.trim().is_empty() {
+        return Err(ApiError::invalid(format!(
+            "The body is empty; send a JSON object such as {example}."
+        )));
+    }
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| ApiError::invalid(format!("The body is not valid JSON: {e}.")))?;
+    match value {
+        Value::Object(fields) => Ok(fields),
+        _ => Err(ApiError::invalid(format!(
+            "The body must be a JSON object such as {example}."
+        ))),
+    }
+}
+
 /// A non-negative integer, also when written as `3.0`: JSON (and JSON Schema) make no difference.
-fn whole_number(value: &Value) -> Option<u64> {
+pub(super) fn whole_number(value: &Value) -> Option<u64> {
     value.as_u64().or_else(|| {
         value
             .as_f64()
@@ -115,7 +146,10 @@ fn whole_number(value: &Value) -> Option<u64> {
     })
 }
 
-fn optional_string(fields: &Map<String, Value>, key: &str) -> Result<Option<String>, ApiError> {
+pub(super) fn optional_string(
+    fields: &Map<String, Value>,
+    key: &str,
+) -> Result<Option<String>, ApiError> {
     match fields.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
@@ -268,8 +302,9 @@ pub fn models_list(names: &[&str]) -> String {
     json!({"object": "list", "data": names}).to_string()
 }
 
-/// `GET /v1/models/{id}`: the model and what was read about it (pooling, normalisation, length, prompts,
-/// where its files are).
+/// `GET /v1/models/{id}`: the model, its task (`embed` or `rerank`) and what was read about it (an
+/// embedding model's pooling and normalisation, a reranker's activation; length, prompts, where its files
+/// are).
 pub fn model_card(model: &Model, created: u64) -> String {
     let spec = &model.spec;
     let tasks: Vec<&str> = spec.prompts.iter().map(|(task, _)| task.as_str()).collect();
@@ -292,26 +327,35 @@ pub fn model_card(model: &Model, created: u64) -> String {
             Value::from(model.source.model_dir(spec).display().to_string()),
         ),
     };
-    json!({
+    let mut card = json!({
         "id": spec.name,
         "object": "model",
         "created": created,
         "owned_by": owner,
-        "dims": model.dims(),
-        "dimensions": model.allowed_dims(),
-        "matryoshka": !spec.matryoshka_dims.is_empty(),
+        "task": spec.task.name(),
         "max_tokens": model.max_tokens(),
         "tasks": tasks,
         "prompts": prompts,
         "default_prompt_name": spec.default_prompt_name,
-        "pooling": spec.pooling.name(),
         "architecture": format!("{:?}", spec.architecture),
         "revision": revision,
-        "normalized": spec.normalize,
         "source": source,
         "directory": directory,
-    })
-    .to_string()
+    });
+    match spec.task {
+        Task::Embed => {
+            card["dims"] = json!(model.dims());
+            card["dimensions"] = json!(model.allowed_dims());
+            card["matryoshka"] = json!(!spec.matryoshka_dims.is_empty());
+            card["pooling"] = json!(spec.pooling.name());
+            card["normalized"] = json!(spec.normalize);
+        }
+        Task::Rerank => {
+            // A reranker's prompt goes in front of the query; there is no `task` to choose one by.
+            card["activation"] = json!(spec.activation.torch_class());
+        }
+    }
+    card.to_string()
 }
 
 #[cfg(test)]

@@ -8,8 +8,9 @@ use std::time::Instant;
 use super::api::{self, Api, EmbedRequest};
 use super::errors::{excerpt, ApiError};
 use super::queue::QueueError;
+use super::rerank::{self, Shape};
 use super::App;
-use crate::models::{ErrorKind, Tokens};
+use crate::models::{ErrorKind, Task, Tokens};
 
 /// The API's OpenAPI 3.1 document, written by hand and kept true by tests/openapi.rs.
 const OPENAPI: &str = include_str!("../../assets/openapi.json");
@@ -34,7 +35,7 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
-    fn json(body: String) -> Outgoing {
+    pub(super) fn json(body: String) -> Outgoing {
         Outgoing {
             status: 200,
             content_type: "application/json",
@@ -164,6 +165,8 @@ pub const ROUTES: &[Route] = &[
     route("/v1/embeddings/", &["POST"], embeddings),
     route("/embeddings", &["POST"], embeddings),
     route("/embeddings/", &["POST"], embeddings),
+    route("/v1/rerank", &["POST"], rerank_cohere),
+    route("/rerank", &["POST"], rerank_tei),
 ];
 
 impl Route {
@@ -249,6 +252,34 @@ fn embeddings(app: &App, request: &Incoming, _: &[&str]) -> Result<Outgoing, Api
     embed(app, Api::OpenAi, request)
 }
 
+fn rerank_cohere(app: &App, request: &Incoming, _: &[&str]) -> Result<Outgoing, ApiError> {
+    rerank::handle(app, Shape::Cohere, request)
+}
+
+fn rerank_tei(app: &App, request: &Incoming, _: &[&str]) -> Result<Outgoing, ApiError> {
+    rerank::handle(app, Shape::Tei, request)
+}
+
+/// The answer to a request whose inputs the queue did not turn into vectors; `param` is the body's field
+/// that holds them.
+pub(super) fn engine_error(error: QueueError, model: &str, param: &str) -> ApiError {
+    match error {
+        QueueError::Full => {
+            ApiError::overloaded(429, "The server's queue is full; retry shortly.", 1)
+        }
+        QueueError::TimedOut => {
+            ApiError::overloaded(503, "The request waited too long for the engine; retry.", 1)
+        }
+        QueueError::Engine(e) if e.kind == ErrorKind::InvalidInput => {
+            ApiError::invalid_param(param, e.message)
+        }
+        QueueError::Engine(e) => {
+            eprintln!("error: the engine failed for {model}: {e}");
+            ApiError::internal()
+        }
+    }
+}
+
 fn embed(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiError> {
     let started = Instant::now();
     let result = embed_inner(app, api, request);
@@ -257,21 +288,7 @@ fn embed(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiError> 
 }
 
 fn embed_inner(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiError> {
-    let media = request.content_type.map(|c| {
-        c.split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase()
-    });
-    if !media
-        .as_deref()
-        .is_some_and(|m| m == "application/json" || m.ends_with("+json"))
-    {
-        return Err(ApiError::unsupported_media_type(
-            request.content_type.unwrap_or(""),
-        ));
-    }
+    api::require_json(request.content_type)?;
     let body = api::parse_embed_request(request.body)?;
     let EmbedRequest {
         model,
@@ -281,7 +298,7 @@ fn embed_inner(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiE
         task,
         truncate,
     } = body;
-    let queue = app.queue(model.as_deref().unwrap_or(&app.default_model))?;
+    let queue = app.queue_for(model.as_deref(), Task::Embed)?;
     let model = queue.model();
     let spec = &model.spec;
     let limits = &app.limits;
@@ -374,25 +391,9 @@ fn embed_inner(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiE
         .iter()
         .filter(|t| t.untruncated > t.ids.len())
         .count();
-    let ids: Vec<Vec<u32>> = tokenized.into_iter().map(|t| t.ids).collect();
-
     let pooled = queue
-        .embed(ids, limits.request_timeout)
-        .map_err(|e| match e {
-            QueueError::Full => {
-                ApiError::overloaded(429, "The server's queue is full; retry shortly.", 1)
-            }
-            QueueError::TimedOut => {
-                ApiError::overloaded(503, "The request waited too long for the engine; retry.", 1)
-            }
-            QueueError::Engine(e) if e.kind == ErrorKind::InvalidInput => {
-                ApiError::invalid_param("input", e.message)
-            }
-            QueueError::Engine(e) => {
-                eprintln!("error: the engine failed for {}: {e}", spec.name);
-                ApiError::internal()
-            }
-        })?;
+        .embed(tokenized, limits.request_timeout)
+        .map_err(|e| engine_error(e, &spec.name, "input"))?;
     let count = pooled.len();
     let embeddings: Vec<Vec<f32>> = pooled.into_iter().map(|p| model.finish(p, dims)).collect();
     let api_label = if api == Api::Encode {
