@@ -504,20 +504,31 @@ fn limits_on_documents_tokens_and_length_are_400s_that_name_them() {
             "{message}"
         );
     }
-    let tight = Server::start(&[
-        "--model-dir",
-        shared_reference().to_str().unwrap(),
-        "--model",
-        "rerank-tiny",
-        "--max-request-tokens",
-        "100",
-    ]);
+    // Each limit from its environment variable as well.
+    let tight = Server::start_with_env(
+        &[
+            "--model-dir",
+            shared_reference().to_str().unwrap(),
+            "--model",
+            "rerank-tiny",
+        ],
+        &[
+            ("EMBEDDING_SERVER_MAX_REQUEST_TOKENS", "100"),
+            ("EMBEDDING_SERVER_MAX_DOCUMENTS", "2"),
+        ],
+    );
     let (message, _) = error_of(
         &tight,
         "/v1/rerank",
         &json!({"query": "q", "documents": [long.clone(), long]}),
     );
     assert!(message.contains("100"), "{message}");
+    let (message, _) = error_of(
+        &tight,
+        "/rerank",
+        &json!({"query": "q", "texts": ["a", "b", "c"]}),
+    );
+    assert!(message.contains("limit of 2"), "{message}");
 }
 
 #[test]
@@ -637,6 +648,34 @@ fn directories_that_cannot_rerank_are_refused_naming_why() {
     assert!(
         error.contains("Pooling") && error.contains("ForSequenceClassification"),
         "{error}"
+    );
+}
+
+#[test]
+fn the_sentence_transformers_files_written_for_a_reranker_read_back_the_same() {
+    let name = "sbert-ce-tanh";
+    let original = load(&fixtures_dir(), name);
+    let files = directory::sentence_transformers_files(&original.spec).unwrap();
+    // The activation only in the written files, and a longer length in the tokenizer's config.
+    let written = Scratch::new(&fixtures_dir().join(name), |m| {
+        edit_config(m, |c| {
+            c.remove("sbert_ce_default_activation_function");
+        });
+        let tokenizer_config = m.join("tokenizer_config.json");
+        let text = std::fs::read_to_string(&tokenizer_config).unwrap();
+        std::fs::write(&tokenizer_config, text.replace("33", "64")).unwrap();
+        for (file, text) in &files {
+            std::fs::write(m.join(file), text).unwrap();
+        }
+    });
+    let read = written.load().unwrap();
+    assert_eq!(read.spec.task, Task::Rerank);
+    assert_eq!(read.spec.activation, ScoreActivation::Tanh);
+    assert_eq!(read.max_tokens(), original.max_tokens());
+    let documents = ["hello world", "the quick brown fox"];
+    assert_eq!(
+        read.rerank("data base", &documents).unwrap(),
+        original.rerank("data base", &documents).unwrap()
     );
 }
 

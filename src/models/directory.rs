@@ -497,6 +497,41 @@ pub fn sentence_transformers_files(spec: &ModelSpec) -> Option<Vec<(String, Stri
     if spec.post_pooling_layer_norm {
         return None;
     }
+    let pretty = |v: &Value| serde_json::to_string_pretty(v).expect("JSON values serialise");
+    let prompts: BTreeMap<&str, &str> = spec
+        .prompts
+        .iter()
+        .map(|(task, prefix)| (task.as_str(), prefix.as_str()))
+        .collect();
+    if spec.task == Task::Rerank {
+        // The layout sentence-transformers >= 6 writes for a CrossEncoder: the only one where it reads the
+        // activation and the maximum length from files beside a config.json that says neither.
+        let modules = json!([{"idx": 0, "name": "0", "path": "",
+            "type": "sentence_transformers.base.modules.transformer.Transformer"}]);
+        let bert_config = json!({
+            "transformer_task": "sequence-classification",
+            "modality_config": {"text": {"method": "forward", "method_output_name": "logits"}},
+            "module_output_name": "scores",
+            "max_seq_length": spec.max_tokens,
+        });
+        let st_config = json!({
+            "model_type": "CrossEncoder",
+            "activation_fn": spec.activation.torch_path(),
+            "prompts": prompts,
+            "default_prompt_name": spec.default_prompt_name,
+        });
+        return Some(vec![
+            ("modules.json".to_string(), pretty(&modules)),
+            (
+                "sentence_bert_config.json".to_string(),
+                pretty(&bert_config),
+            ),
+            (
+                "config_sentence_transformers.json".to_string(),
+                pretty(&st_config),
+            ),
+        ]);
+    }
     let mut modules = vec![
         json!({"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}),
         json!({"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}),
@@ -517,17 +552,11 @@ pub fn sentence_transformers_files(spec: &ModelSpec) -> Option<Vec<(String, Stri
         "pooling_mode_lasttoken": false,
         "include_prompt": true,
     });
-    let prompts: BTreeMap<&str, &str> = spec
-        .prompts
-        .iter()
-        .map(|(task, prefix)| (task.as_str(), prefix.as_str()))
-        .collect();
     let st_config = json!({
         "prompts": prompts,
         "default_prompt_name": spec.default_prompt_name,
         "similarity_fn_name": "cosine",
     });
-    let pretty = |v: &Value| serde_json::to_string_pretty(v).expect("JSON values serialise");
     files.extend([
         ("modules.json".to_string(), pretty(&Value::Array(modules))),
         ("1_Pooling/config.json".to_string(), pretty(&pooling)),

@@ -143,6 +143,15 @@ impl ScoreActivation {
         }
     }
 
+    /// The dotted path sentence-transformers saves for it (`activation_fn`).
+    pub fn torch_path(self) -> String {
+        let module = match self {
+            ScoreActivation::Identity => "linear",
+            _ => "activation",
+        };
+        format!("torch.nn.modules.{module}.{}", self.torch_class())
+    }
+
     /// The activation a dotted `torch.nn` path names, e.g. `torch.nn.modules.activation.Sigmoid` or
     /// `torch.nn.Sigmoid`.
     pub fn from_torch_path(path: &str) -> Option<ScoreActivation> {
@@ -389,6 +398,42 @@ mod tests {
             (Pooling::Cls, Architecture::Bert, 8)
         );
         assert!(e.prompts.is_empty() && e.matryoshka_dims.is_empty() && !e.post_pooling_layer_norm);
+    }
+
+    #[test]
+    fn a_reranker_entry_reads_and_must_be_a_bert_cross_encoder() {
+        let mut e = entry();
+        e["task"] = "rerank".into();
+        e["activation"] = "tanh".into();
+        let text = serde_json::json!({ "models": [e.clone()] }).to_string();
+        let entries = Manifest::parse(&text).unwrap().entries().unwrap();
+        assert_eq!(entries[0].task, Task::Rerank);
+        assert_eq!(entries[0].activation, Some(ScoreActivation::Tanh));
+        e["pooling"] = "mean".into();
+        assert!(error_of(e).contains("field `task`"));
+        let mut embedder = entry();
+        embedder["activation"] = "sigmoid".into();
+        assert!(error_of(embedder).contains("field `activation`"));
+        let mut unknown = entry();
+        unknown["task"] = "classify".into();
+        assert!(error_of(unknown).contains("classify"));
+    }
+
+    #[test]
+    fn activations_name_their_torch_modules() {
+        for activation in ScoreActivation::ALL {
+            let path = activation.torch_path();
+            assert_eq!(
+                ScoreActivation::from_torch_path(&path),
+                Some(activation),
+                "{path}"
+            );
+        }
+        assert_eq!(
+            ScoreActivation::from_torch_path("torch.nn.Sigmoid"),
+            Some(ScoreActivation::Sigmoid)
+        );
+        assert_eq!(ScoreActivation::from_torch_path("torch.nn.Hardswish"), None);
     }
 
     #[test]

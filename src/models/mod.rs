@@ -338,6 +338,16 @@ impl Model {
             Input::Text(text) if prefix.is_empty() => self.tokenizer.encode(text)?,
             Input::Text(text) => self.tokenizer.encode(&format!("{prefix}{text}"))?,
             Input::Ids(ids) => {
+                // Ids from another tokenizer (LangChain's OpenAIEmbeddings sends tiktoken's by default) are
+                // numbers this model reads as other words: refused, rather than embedded into nonsense.
+                if let Err(framing) = self.tokenizer.check_framing(ids) {
+                    return Err(ModelError::invalid(format!(
+                        "these token ids are not {}'s: ids from its tokenizer {framing}. Send the text \
+                         instead (LangChain's OpenAIEmbeddings sends OpenAI's token ids unless created with \
+                         check_embedding_ctx_length=False)",
+                        self.spec.name
+                    )));
+                }
                 let vocab = self.encoder.vocab_size();
                 if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
                     return Err(ModelError::invalid(format!(
@@ -349,10 +359,8 @@ impl Model {
             }
         };
         let untruncated = ids.len();
-        match input {
-            Input::Text(_) => self.tokenizer.truncate(&mut ids, self.max_tokens),
-            Input::Ids(_) => ids.truncate(self.max_tokens),
-        }
+        // Ids are framed like a text's (checked above), so they are cut like one: [SEP] stays.
+        self.tokenizer.truncate(&mut ids, self.max_tokens);
         Ok(Tokens {
             ids,
             token_types: None,

@@ -21,9 +21,9 @@ pub struct Pair {
 
 pub struct TextTokenizer {
     inner: Tokenizer,
-    /// How many special tokens the post-processor puts before and after the text ([CLS] … [SEP]: 1 and 1).
-    prefix: usize,
-    suffix: usize,
+    /// The special tokens the post-processor puts before and after a text ([CLS] … [SEP]).
+    opening: Vec<u32>,
+    closing: Vec<u32>,
 }
 
 impl TextTokenizer {
@@ -42,10 +42,11 @@ impl TextTokenizer {
             .position(|w| w == plain.get_ids())
             .unwrap_or(0);
         let suffix = special.len().saturating_sub(prefix + plain.len());
+        let ids = special.get_ids();
         Ok(TextTokenizer {
+            opening: ids[..prefix].to_vec(),
+            closing: ids[ids.len() - suffix..].to_vec(),
             inner,
-            prefix,
-            suffix,
         })
     }
 
@@ -101,12 +102,38 @@ impl TextTokenizer {
     /// Cuts `ids` (as `encode` returned them) to `max` tokens the way the tokenizer's own truncation does:
     /// the text is cut, the special tokens around it stay.
     pub fn truncate(&self, ids: &mut Vec<u32>, max: usize) {
-        if ids.len() <= max || max < self.prefix + self.suffix {
+        let suffix = self.closing.len();
+        if ids.len() <= max || max < self.opening.len() + suffix {
             ids.truncate(max);
             return;
         }
-        let tail = ids.split_off(ids.len() - self.suffix);
-        ids.truncate(max - self.suffix);
+        let tail = ids.split_off(ids.len() - suffix);
+        ids.truncate(max - suffix);
         ids.extend(tail);
+    }
+
+    /// Whether `ids` begin and end with the special tokens this tokenizer puts around a text, as ids that
+    /// came from it do; `Err` says which are expected, by name and id.
+    pub fn check_framing(&self, ids: &[u32]) -> Result<(), String> {
+        let framed = ids.len() >= self.opening.len() + self.closing.len()
+            && ids.starts_with(&self.opening)
+            && ids.ends_with(&self.closing);
+        if framed {
+            return Ok(());
+        }
+        let named = |ids: &[u32]| -> String {
+            ids.iter()
+                .map(|&id| match self.inner.id_to_token(id) {
+                    Some(token) => format!("{token} ({id})"),
+                    None => id.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        Err(format!(
+            "begin with {} and end with {}",
+            named(&self.opening),
+            named(&self.closing)
+        ))
     }
 }

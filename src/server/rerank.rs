@@ -1,5 +1,6 @@
 //! The rerank endpoints: `POST /v1/rerank` in the Cohere / Jina shape (what LangChain, LlamaIndex and the
-//! Cohere and Jina clients send) and `POST /rerank` in text-embeddings-inference's shape. Both read into
+//! Cohere and Jina clients send; also at `/v2/rerank`, Cohere's version 2 path) and `POST /rerank` in
+//! text-embeddings-inference's shape. Both read into
 //! one [`RerankRequest`]; the (query, document) pairs go through the model's batching queue like embedding
 //! inputs; each shape writes its own response, results sorted by score, highest first.
 
@@ -14,7 +15,7 @@ use crate::models::{ErrorKind, Task, Tokens};
 /// Which of the two request and response shapes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Shape {
-    /// `/v1/rerank`: `{"model", "query", "documents", "top_n"?, "return_documents"?}` →
+    /// `/v1/rerank` and `/v2/rerank`: `{"model", "query", "documents", "top_n"?, "return_documents"?}` →
     /// `{"model", "results": [{"index", "relevance_score", "document"?}], "usage"}`.
     Cohere,
     /// `/rerank`: `{"query", "texts", "raw_scores"?, "return_text"?}` → `[{"index", "score", "text"?}]`.

@@ -166,6 +166,8 @@ pub const ROUTES: &[Route] = &[
     route("/embeddings", &["POST"], embeddings),
     route("/embeddings/", &["POST"], embeddings),
     route("/v1/rerank", &["POST"], rerank_cohere),
+    // Cohere's version 2 path: what LangChain's CohereRerank calls.
+    route("/v2/rerank", &["POST"], rerank_cohere),
     route("/rerank", &["POST"], rerank_tei),
 ];
 
