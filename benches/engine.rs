@@ -20,7 +20,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config as BertConfig};
 use embedding_server::models::kernels::{Linear, Threads};
-use embedding_server::models::{catalog, Input, Model, Source};
+use embedding_server::models::{catalog, Input, Model, Source, TruncationDirection};
 
 const MODEL: &str = "all-MiniLM-L6-v2";
 const BATCH: usize = 32;
@@ -94,7 +94,11 @@ fn main() {
         .iter()
         .map(|line| {
             model
-                .tokenize(&Input::Text(line.to_string()), "")
+                .tokenize(
+                    &Input::Text(line.to_string()),
+                    "",
+                    TruncationDirection::Right,
+                )
                 .expect("corpus lines tokenise")
                 .ids
         })
@@ -261,13 +265,17 @@ fn main() {
         .iter()
         .find(|l| {
             model
-                .tokenize(&Input::Text(l.to_string()), "")
+                .tokenize(&Input::Text(l.to_string()), "", TruncationDirection::Right)
                 .is_ok_and(|t| t.ids.len() == median.len())
         })
         .expect("a line of median length");
     let (p50, p90) = latency(|| {
         model
-            .tokenize(&Input::Text(median_line.to_string()), "")
+            .tokenize(
+                &Input::Text(median_line.to_string()),
+                "",
+                TruncationDirection::Right,
+            )
             .expect("tokenize");
     });
     println!(

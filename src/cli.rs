@@ -6,6 +6,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::models::Pooling;
 use crate::server::{AuthConfig, DoorConfig, Limits, ServeConfig};
 
 /// One flag: its name, the environment variable that stands in for it, its default and its help line.
@@ -215,6 +216,36 @@ impl Options {
         Duration::try_from_secs_f64(value)
             .map_err(|_| format!("--{name} must be a non-negative number of seconds, not {value}"))
     }
+}
+
+/// Which models to load, from the flags shared by `serve` and `embed`.
+pub struct ModelsConfig {
+    /// `--model`: empty means every model of `dir` and every embedded one.
+    pub names: Vec<String>,
+    /// `--model-dir`.
+    pub dir: Option<PathBuf>,
+    /// `--pooling`: how a plain transformers directory pools.
+    pub pooling: Option<Pooling>,
+}
+
+/// The typed `--model`, `--model-dir` and `--pooling`.
+pub fn models_config(options: &Options) -> Result<ModelsConfig, String> {
+    let pooling = options
+        .text("pooling")
+        .map(|mode| {
+            Pooling::from_name(mode).ok_or_else(|| {
+                format!(
+                    "--pooling (or EMBEDDING_SERVER_POOLING) must be one of {}, not {mode:?}",
+                    Pooling::ALL.map(Pooling::name).join(", ")
+                )
+            })
+        })
+        .transpose()?;
+    Ok(ModelsConfig {
+        names: options.list("model").to_vec(),
+        dir: options.text("model-dir").map(PathBuf::from),
+        pooling,
+    })
 }
 
 /// The typed configuration of `serve`, from the flags.

@@ -3,32 +3,15 @@
 
 use std::io::{BufRead, IsTerminal, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::cli::Options;
-use crate::models::{self, catalog, directory, Input, Model, Pooling, Source, CATALOG};
-
-/// `--pooling`: how a plain transformers directory pools.
-fn pooling(options: &Options) -> Result<Option<Pooling>, String> {
-    options
-        .text("pooling")
-        .map(|mode| {
-            Pooling::from_name(mode).ok_or_else(|| {
-                format!(
-                    "--pooling (or EMBEDDING_SERVER_POOLING) must be one of {}, not {mode:?}",
-                    Pooling::ALL.map(Pooling::name).join(", ")
-                )
-            })
-        })
-        .transpose()
-}
+use crate::cli::{self, ModelsConfig, Options};
+use crate::models::{self, catalog, directory, Input, Model, Source, CATALOG};
 
 /// Loads the models `--model` names, or every embedded model and every model of `--model-dir`. A name
 /// with a directory in `--model-dir` is read from there (`models::directory`), any other must be embedded.
-pub fn load_models(options: &Options) -> Result<Vec<Model>, String> {
-    let dir = options.text("model-dir").map(PathBuf::from);
-    let pooling = pooling(options)?;
+pub fn load_models(config: &ModelsConfig) -> Result<Vec<Model>, String> {
+    let (dir, pooling) = (&config.dir, config.pooling);
     let in_dir = match &dir {
         Some(dir) => directory::list(dir).map_err(|e| e.to_string())?,
         None => Vec::new(),
@@ -38,7 +21,7 @@ pub fn load_models(options: &Options) -> Result<Vec<Model>, String> {
         .filter(|s| s.embedded)
         .map(|s| s.name.as_str())
         .collect();
-    let wanted: Vec<String> = match options.list("model") {
+    let wanted: Vec<String> = match config.names.as_slice() {
         // The directory's first: the first model is the default, and the operator pointed at them.
         [] => in_dir
             .iter()
@@ -60,15 +43,15 @@ pub fn load_models(options: &Options) -> Result<Vec<Model>, String> {
     }
     // Named models must load; of the ones found by looking through --model-dir, a directory that cannot be
     // served (another kind of model, or one that needs --pooling) is skipped with a warning saying why.
-    let named = !options.list("model").is_empty();
+    let named = !config.names.is_empty();
     let mut models = Vec::new();
     for name in &wanted {
-        let loaded = match &dir {
-            Some(dir) if !name.is_empty() && dir.join(name).is_dir() => {
-                directory::spec(dir, name, pooling)
-                    .and_then(|spec| load(&spec, &Source::Dir(dir.clone())))
-            }
-            _ => match catalog::find(name).filter(|s| s.embedded) {
+        let root = dir.as_deref().and_then(|d| directory::locate(d, name));
+        let from_dir = root.is_some();
+        let loaded = match root {
+            Some(root) => directory::spec(&root, name, pooling)
+                .and_then(|spec| load(&spec, &Source::Dir(root))),
+            None => match catalog::find(name).filter(|s| s.embedded) {
                 Some(spec) => load(spec, &Source::Embedded),
                 None => {
                     let mut available: Vec<String> =
@@ -96,7 +79,7 @@ pub fn load_models(options: &Options) -> Result<Vec<Model>, String> {
         };
         match loaded {
             Ok(model) => models.push(model),
-            Err(e) if !named && dir.as_ref().is_some_and(|d| d.join(name).is_dir()) => {
+            Err(e) if !named && from_dir => {
                 eprintln!(
                     "warning: not serving {name}: {e} (name it with --model to make this an error)"
                 )
@@ -129,8 +112,8 @@ fn load(spec: &models::ModelSpec, source: &Source) -> Result<Model, models::Mode
 /// `embedding-server models`
 pub fn list_models() {
     println!(
-        "{:<24} {:>5} {:>10} {:>12}  {:<8}  sha256 of model.safetensors",
-        "MODEL", "DIMS", "MAX TOKENS", "EMBEDDED", "ARCH"
+        "{:<24} {:>5} {:>10} {:>12}  {:<10} {:<20}  sha256 of model.safetensors",
+        "MODEL", "DIMS", "MAX TOKENS", "EMBEDDED", "ARCH", "POOLING"
     );
     for spec in CATALOG.iter() {
         let size = if spec.embedded {
@@ -139,13 +122,19 @@ pub fn list_models() {
             "no".to_string()
         };
         let weights = spec.pin("model.safetensors");
+        let pooling = format!(
+            "{}{}",
+            spec.pooling,
+            if spec.normalize { ", normalized" } else { "" }
+        );
         println!(
-            "{:<24} {:>5} {:>10} {:>12}  {:<8}  {}",
+            "{:<24} {:>5} {:>10} {:>12}  {:<10} {:<20}  {}",
             spec.name,
             spec.dims,
             spec.max_tokens,
             size,
-            format!("{:?}", spec.architecture),
+            spec.architecture.model_type(),
+            pooling,
             if weights.is_empty() {
                 "(not pinned)"
             } else {
@@ -187,7 +176,7 @@ pub fn embed(texts: Vec<String>, options: &Options) -> Result<(), String> {
     if format != "json" && format != "f32" {
         return Err(format!("--format must be json or f32, not {format:?}"));
     }
-    let model = load_models(options)?
+    let model = load_models(&cli::models_config(options)?)?
         .into_iter()
         .next()
         .ok_or("no model loaded")?;

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::{floats, max_abs_diff, Server};
-use embedding_server::models::{catalog, Input, Model, Source};
+use embedding_server::models::{catalog, Input, Model, Source, TruncationDirection};
 use serde_json::{json, Value};
 
 const V1: &str = "nomic-embed-text-v1";
@@ -115,7 +115,9 @@ fn engine_matches_every_fixture_case_single_and_batched() {
     for case in cases(&expected) {
         let name = case["name"].as_str().unwrap();
         let text = case["text"].as_str().unwrap();
-        let tokens = v1.tokenize(&Input::Text(text.into()), "").unwrap();
+        let tokens = v1
+            .tokenize(&Input::Text(text.into()), "", TruncationDirection::Right)
+            .unwrap();
         assert_eq!(tokens.ids, ids_of(case), "{name}: input_ids");
         let pooled = v1.encode(&[&tokens.ids]).unwrap().remove(0);
         let d_pooled = max_abs_diff(&pooled, &floats(&case["pooled"]));
@@ -171,7 +173,11 @@ fn token_ids_and_text_inputs_agree_and_bad_ids_are_refused() {
     let d = max_abs_diff(&from_ids[0], &floats(&case["v1"]));
     assert!(d <= tolerance(&expected, "v1"), "ids input differs by {d}");
     let error = model
-        .tokenize(&Input::Ids(vec![101, 30528, 102]), "")
+        .tokenize(
+            &Input::Ids(vec![101, 30528, 102]),
+            "",
+            TruncationDirection::Right,
+        )
         .unwrap_err();
     assert!(error.message.contains("30528"), "{}", error.message);
 }

@@ -504,6 +504,9 @@ fn request_schema_accepts_what_the_server_takes_and_refuses_what_it_refuses() {
                "task": null, "prompt_name": null, "truncate": null, "user": null}),
         json!({"input": [101.0, 102.0], "dimensions": 384.0}),
         json!({"input": "unknown fields are ignored", "extra": {"anything": [1]}}),
+        json!({"input": "a", "encoding_format": "int8", "truncation_direction": "Left"}),
+        json!({"input": ["a", "b"], "encoding_format": "ubinary", "truncation_direction": "right"}),
+        json!({"input": [101, 102], "encoding_format": "uint8", "truncation_direction": null}),
     ];
     for body in taken {
         assert!(
@@ -531,6 +534,9 @@ fn request_schema_accepts_what_the_server_takes_and_refuses_what_it_refuses() {
         json!({"input": {"text": "a"}}),
         json!({"input": "a", "model": 7}),
         json!({"input": "a", "encoding_format": "hex"}),
+        json!({"input": "a", "encoding_format": "int4"}),
+        json!({"input": "a", "truncation_direction": "up"}),
+        json!({"input": "a", "truncation_direction": 1}),
         json!({"input": "a", "dimensions": 0}),
         json!({"input": "a", "dimensions": -1}),
         json!({"input": "a", "dimensions": 1.5}),
@@ -683,6 +689,25 @@ fn every_error_the_server_can_be_made_to_give_fits_the_document() {
     let response = s.request("GET", "/v1/models/gpt-4", None);
     assert_eq!(response.status, 404);
     check_operation_response(doc, "/v1/models/{id}", "GET", &response);
+    let response = s.request("GET", "/v1/models/gpt-4/quantization", None);
+    assert_eq!(response.status, 404);
+    check_operation_response(doc, "/v1/models/{id}/quantization", "GET", &response);
+    // The tokenizer endpoints: an id outside the vocabulary, an empty list, an unknown model.
+    for (path, body, status) in [
+        ("/decode", json!({"ids": [999_999]}), 400),
+        ("/decode", json!({"ids": []}), 400),
+        ("/tokenize", json!({"inputs": []}), 400),
+        ("/tokenize", json!({"inputs": "a", "model": "gpt-4"}), 404),
+    ] {
+        let response = s.post(path, &body);
+        assert_eq!(
+            response.status,
+            status,
+            "{path} {body}: {}",
+            response.text()
+        );
+        check_operation_response(doc, path, "POST", &response);
+    }
     // 413, on an embedding route and on one that takes no body.
     let large = format!(r#"{{"input": "{}"}}"#, "a".repeat(MAX_BODY_BYTES));
     for (method, path) in [("POST", "/v1/embeddings"), ("GET", "/health")] {

@@ -9,7 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{floats, max_abs_diff, Server};
-use embedding_server::models::{directory, Input, Model, Pooling, Source};
+use embedding_server::models::{directory, Input, Model, Pooling, Source, TruncationDirection};
 use serde_json::{json, Value};
 
 fn fixtures_dir() -> PathBuf {
@@ -93,7 +93,9 @@ fn check_library(dir: &Path, name: &str, pooling: Option<Pooling>) -> usize {
     let mut checked = 0;
     for (case, (input, in_batch)) in cases.iter().zip(texts.iter().zip(&batched)) {
         let what = format!("{name} case {}", case["id"]);
-        let tokens = model.tokenize(input, &default).unwrap();
+        let tokens = model
+            .tokenize(input, &default, TruncationDirection::Right)
+            .unwrap();
         assert_eq!(tokens.ids, ids(&case["input_ids"]), "{what}: input_ids");
         let want = floats(&case["embedding"]);
         within(
@@ -109,7 +111,9 @@ fn check_library(dir: &Path, name: &str, pooling: Option<Pooling>) -> usize {
                 .prompt(&prompt)
                 .expect("the prompt is read")
                 .to_string();
-            let tokens = model.tokenize(input, &prefix).unwrap();
+            let tokens = model
+                .tokenize(input, &prefix, TruncationDirection::Right)
+                .unwrap();
             if let Some(prompt_ids) = prompt_ids {
                 assert_eq!(tokens.ids, prompt_ids, "{what} prompt {prompt}: input_ids");
             }
@@ -366,46 +370,59 @@ fn edit_json(path: &Path, edit: impl FnOnce(&mut Value)) {
 /// A change to a scratch copy of a fixture.
 type Edit = Box<dyn FnOnce(&Path)>;
 
+/// Sets `key` of the JSON file `file` to `value`.
+fn set(file: &'static str, key: &'static str, value: Value) -> Edit {
+    Box::new(move |m| edit_json(&m.join(file), |c| c[key] = value))
+}
+
 #[test]
 fn unsupported_directories_are_refused_naming_what_is_unsupported() {
+    const POOLING: &str = "1_Pooling/config.json";
     let cases: Vec<(&str, Edit, &str)> = vec![
         (
             "cls-newer",
-            Box::new(|m| {
-                edit_json(&m.join("config.json"), |c| {
-                    c["model_type"] = "roberta".into();
-                    c["architectures"] = json!(["RobertaModel"]);
-                })
-            }),
+            set("config.json", "model_type", "roberta".into()),
             "RoBERTa",
         ),
         (
             "cls-newer",
-            Box::new(|m| {
-                edit_json(&m.join("config.json"), |c| {
-                    c["model_type"] = "xlm-roberta".into()
-                })
-            }),
+            set("config.json", "model_type", "xlm-roberta".into()),
             "XLM-RoBERTa",
         ),
         (
             "cls-newer",
-            Box::new(|m| edit_json(&m.join("config.json"), |c| c["model_type"] = "mpnet".into())),
+            set("config.json", "model_type", "mpnet".into()),
             "MPNet",
         ),
         (
             "cls-newer",
-            Box::new(|m| {
-                edit_json(&m.join("1_Pooling/config.json"), |c| {
-                    c["pooling_mode"] = "weightedmean".into()
-                })
-            }),
+            set("config.json", "hidden_act", "relu".into()),
+            "relu",
+        ),
+        (
+            "cls-newer",
+            set(POOLING, "pooling_mode", "weightedmean".into()),
             "weightedmean",
+        ),
+        (
+            "cls-newer",
+            set(POOLING, "pooling_mode", json!(["cls", "mean"])),
+            "cls + mean",
+        ),
+        (
+            "mean-classic",
+            set(POOLING, "include_prompt", false.into()),
+            "include_prompt",
+        ),
+        (
+            "mean-classic",
+            set(POOLING, "pooling_mode_max_tokens", true.into()),
+            "max + mean",
         ),
         (
             "mean-classic",
             Box::new(|m| {
-                edit_json(&m.join("1_Pooling/config.json"), |c| {
+                edit_json(&m.join(POOLING), |c| {
                     c["pooling_mode_lasttoken"] = true.into();
                     c["pooling_mode_mean_tokens"] = false.into();
                 })
@@ -413,13 +430,13 @@ fn unsupported_directories_are_refused_naming_what_is_unsupported() {
             "lasttoken",
         ),
         (
-            "mean-classic",
-            Box::new(|m| {
-                edit_json(&m.join("1_Pooling/config.json"), |c| {
-                    c["pooling_mode_max_tokens"] = true.into()
-                })
-            }),
-            "max + mean",
+            "cls-newer",
+            set(
+                "config_sentence_transformers.json",
+                "default_prompt_name",
+                "missing".into(),
+            ),
+            "missing",
         ),
         (
             "max-newer",
@@ -435,26 +452,13 @@ fn unsupported_directories_are_refused_naming_what_is_unsupported() {
         ),
         (
             "cls-newer",
-            Box::new(|m| edit_json(&m.join("config.json"), |c| c["hidden_act"] = "relu".into())),
-            "relu",
-        ),
-        (
-            "cls-newer",
             Box::new(|m| {
-                edit_json(&m.join("config_sentence_transformers.json"), |c| {
-                    c["default_prompt_name"] = "missing".into()
+                edit_json(&m.join("tokenizer.json"), |t| {
+                    let next = t["model"]["vocab"].as_object().unwrap().len();
+                    t["model"]["vocab"]["zzzz"] = next.into();
                 })
             }),
-            "missing",
-        ),
-        (
-            "mean-classic",
-            Box::new(|m| {
-                edit_json(&m.join("1_Pooling/config.json"), |c| {
-                    c["include_prompt"] = false.into()
-                })
-            }),
-            "include_prompt",
+            "do not belong together",
         ),
         (
             "cls-newer",
@@ -539,4 +543,18 @@ fn without_model_directories_that_cannot_be_served_are_skipped_with_the_reason()
         log.contains("not serving nomic-tiny") && log.contains("--pooling"),
         "{log}"
     );
+}
+
+#[test]
+fn model_dir_may_name_one_model_directory_itself() {
+    let dir = fixtures_dir();
+    let own = dir.join("max-newer");
+    for args in [vec![], vec!["--model", "max-newer"]] {
+        let mut all = vec!["--model-dir", own.to_str().unwrap()];
+        all.extend(args);
+        let server = Server::start(&all);
+        check_http(&server, &dir, "max-newer");
+        let card = server.request("GET", "/v1/models/max-newer", None).json();
+        assert_eq!(card["pooling"], "max", "{card}");
+    }
 }

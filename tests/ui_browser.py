@@ -144,6 +144,18 @@ def check_models_and_cosine(browser, base, key=None):
     return models
 
 
+def show_tokens(browser, text):
+    """Asks the Tokens section for `text`'s tokens and waits for them (or an error)."""
+    area = browser.find_element(By.ID, "tok-text")
+    area.clear()
+    area.send_keys(text)
+    browser.execute_script("document.getElementById('tok-out').replaceChildren()")
+    browser.find_element(By.ID, "tok-run").click()
+    wait(browser, "the tokens", lambda: browser.find_elements(By.CSS_SELECTOR, "#tok-out .tokview, #tok-out .error"))
+    errors = browser.find_elements(By.CSS_SELECTOR, "#tok-out .error")
+    assert not errors, errors[0].text
+
+
 def check_sections(browser, base, key=None):
     """Tokens and Rerank appear exactly when the server has them; where they do, they show the server's answer."""
     paths = api(base, "/openapi.json", key=key)["paths"]
@@ -152,11 +164,7 @@ def check_sections(browser, base, key=None):
     assert tokens_shown == ("/tokenize" in paths), f"Tokens shown: {tokens_shown}"
     if tokens_shown:
         text = "Tokenizers split naïve words: ünïcode too."
-        area = browser.find_element(By.ID, "tok-text")
-        area.clear()
-        area.send_keys(text)
-        browser.find_element(By.ID, "tok-run").click()
-        wait(browser, "the tokens", lambda: browser.find_elements(By.CSS_SELECTOR, "#tok-out .tokview, #tok-out .error"))
+        show_tokens(browser, text)
         model = browser.find_element(By.ID, "tok-model").get_attribute("value")
         expected = api(base, "/tokenize", {"model": model, "inputs": text}, key)[0]
         ids = browser.find_element(By.CSS_SELECTOR, "#tok-out .ids").text.split()
@@ -217,7 +225,8 @@ def check_the_check_sees_violations(browser):
 FUTURE_CARDS = {
     "embedder": {"id": "embedder", "object": "model", "dims": 8, "max_tokens": 512, "pooling": "mean",
                  "precision": "bf16", "task": "embed", "normalized": True, "default_prompt_name": "document",
-                 "prompts": {"query": "search_query: ", "document": "search_document: "}},
+                 "prompts": {"query": "search_query: ", "document": "search_document: "},
+                 "encoding_formats": ["float", "base64", "int8"], "source": "directory", "directory": "/srv/embedder"},
     "reranker": {"id": "reranker", "object": "model", "max_tokens": 512, "precision": "f32", "task": "rerank"},
 }
 
@@ -314,7 +323,8 @@ def check_future_shapes(browser, open_url, screenshot):
             return dict(zip(names, [dd.text for dd in card.find_elements(By.TAG_NAME, "dd")]))
         embedder, reranker = fields("embedder"), fields("reranker")
         for name, value in [("dims", "8"), ("max tokens", "512"), ("pooling", "mean"), ("precision", "bf16"),
-                            ("task", "embed"), ("normalized", "yes")]:
+                            ("task", "embed"), ("normalized", "yes"), ("formats", "float, base64, int8"),
+                            ("source", "/srv/embedder")]:
             assert embedder.get(name) == value, f"{name}: {embedder}"
         assert "query" in embedder["prompts"] and "search_document: " in embedder["prompts"], embedder
         assert set(reranker) == {"max tokens", "precision", "task"}, f"absent fields are omitted: {reranker}"
@@ -333,11 +343,7 @@ def check_future_shapes(browser, open_url, screenshot):
 
         # Tokens laid over the text, special tokens as marks of their own.
         text = "Tokens over naïve text"
-        area = browser.find_element(By.ID, "tok-text")
-        area.clear()
-        area.send_keys(text)
-        browser.find_element(By.ID, "tok-run").click()
-        wait(browser, "the tokens", lambda: browser.find_elements(By.CSS_SELECTOR, "#tok-out .tokview"))
+        show_tokens(browser, text)
         view = browser.find_element(By.CSS_SELECTOR, "#tok-out .tokview")
         specials = [e.text for e in view.find_elements(By.CSS_SELECTOR, ".special")]
         pieces = [e.text for e in view.find_elements(By.CSS_SELECTOR, "span:not(.special)")]

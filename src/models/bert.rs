@@ -6,13 +6,14 @@
 //! sequences, attention runs per sequence, and the sequences are split between the cores by cost so that
 //! each core runs its share through all layers without waiting for the other.
 
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use serde_json::Value;
+
 use super::catalog::Pooling;
 use super::config::{self, ModelConfig};
 use super::kernels::{self, Activation, Attention, LayerNorm, Linear, Threads};
 use super::{check_batch, pooling, Encoder, ModelError, Sequence};
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
-use serde_json::Value;
 
 /// The hyper-parameters read from the model's config.json.
 struct Config {

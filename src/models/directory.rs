@@ -147,8 +147,12 @@ pub fn spec(dir: &Path, name: &str, pooling: Option<Pooling>) -> Result<ModelSpe
     })
 }
 
-/// The names of the model directories in `dir` (those with a config.json), sorted.
+/// The names of the model directories in `dir` (those with a config.json), sorted; or, when `dir` is
+/// itself a model directory, its own name.
 pub fn list(dir: &Path) -> Result<Vec<String>, ModelError> {
+    if let Some((_, name)) = itself(dir) {
+        return Ok(vec![name]);
+    }
     let entries = std::fs::read_dir(dir)
         .map_err(|e| ModelError::new(format!("cannot read --model-dir {}: {e}", dir.display())))?;
     let mut names: Vec<String> = entries
@@ -158,6 +162,30 @@ pub fn list(dir: &Path) -> Result<Vec<String>, ModelError> {
         .collect();
     names.sort();
     Ok(names)
+}
+
+/// The directory that holds model `name` of `--model-dir dir`: `dir` when `dir/name/` exists, or the
+/// parent of `dir` when `dir` is itself the model's directory (`--model-dir models/bge --model bge`).
+pub fn locate(dir: &Path, name: &str) -> Option<PathBuf> {
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+        return None;
+    }
+    if dir.join(name).is_dir() {
+        return Some(dir.to_path_buf());
+    }
+    itself(dir)
+        .filter(|(_, own)| own == name)
+        .map(|(parent, _)| parent)
+}
+
+/// `(parent, name)` when `dir` is a model directory itself (it has a config.json).
+fn itself(dir: &Path) -> Option<(PathBuf, String)> {
+    if !dir.join("config.json").is_file() {
+        return None;
+    }
+    let dir = dir.canonicalize().ok()?;
+    let name = dir.file_name()?.to_str()?.to_string();
+    Some((dir.parent()?.to_path_buf(), name))
 }
 
 /// One entry of `modules.json`.

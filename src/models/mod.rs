@@ -11,17 +11,21 @@ pub mod kernels;
 mod manifest;
 mod nomic_bert;
 mod pooling;
+pub mod quantize;
 mod tokenize;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
 use catalog::Architecture;
 pub use catalog::{ModelSpec, Pooling, ScoreActivation, Task, CATALOG};
 use config::ModelConfig;
+use quantize::{Calibrated, Calibration};
 use tokenize::TextTokenizer;
+pub use tokenize::{TokenSpan, TruncationDirection};
 
 /// What went wrong, and whose fault it was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -246,6 +250,8 @@ pub struct Model {
     /// The width of the vectors these weights give: the catalog's `dims`, or less for smaller weights of the
     /// same architecture loaded from a directory (such as a test fixture).
     dims: usize,
+    /// The int8/uint8 ranges, computed at first use.
+    calibration: Calibration,
 }
 
 impl Model {
@@ -296,6 +302,15 @@ impl Model {
                 spec.name, spec.dims
             );
         }
+        // Caught here, an id past the embedding table would otherwise be a 400 blaming the client's text.
+        if tokenizer.vocab_size() > encoder.vocab_size() {
+            return Err(ModelError::new(format!(
+                "{}: tokenizer.json has {} tokens but the model's embedding table only {}: they do not belong together",
+                spec.name,
+                tokenizer.vocab_size(),
+                encoder.vocab_size()
+            )));
+        }
         let max_tokens = spec.max_tokens.min(encoder.max_positions());
         Ok(Model {
             spec: spec.clone(),
@@ -304,6 +319,7 @@ impl Model {
             encoder,
             max_tokens,
             dims: width.min(spec.dims),
+            calibration: Calibration::default(),
         })
     }
 
@@ -332,8 +348,15 @@ impl Model {
     }
 
     /// Tokenises one input, with `prefix` (a task prompt, or "") in front of a text, and cuts it to the
-    /// model's maximum.
-    pub fn tokenize(&self, input: &Input, prefix: &str) -> Result<Tokens, ModelError> {
+    /// model's maximum from the end or the start, keeping its special tokens either way (the tokens
+    /// sentence-transformers keeps with `truncation_side` right or left). Ids must be framed as the model's
+    /// tokenizer frames a text, and are cut the same way.
+    pub fn tokenize(
+        &self,
+        input: &Input,
+        prefix: &str,
+        direction: TruncationDirection,
+    ) -> Result<Tokens, ModelError> {
         let mut ids = match input {
             Input::Text(text) if prefix.is_empty() => self.tokenizer.encode(text)?,
             Input::Text(text) => self.tokenizer.encode(&format!("{prefix}{text}"))?,
@@ -359,8 +382,9 @@ impl Model {
             }
         };
         let untruncated = ids.len();
-        // Ids are framed like a text's (checked above), so they are cut like one: [SEP] stays.
-        self.tokenizer.truncate(&mut ids, self.max_tokens);
+        // Ids are framed like a text's (checked above), so they are cut like one: the framing stays.
+        self.tokenizer
+            .truncate(&mut ids, self.max_tokens, direction);
         Ok(Tokens {
             ids,
             token_types: None,
@@ -395,6 +419,71 @@ impl Model {
                 })
             })
             .collect()
+    }
+
+    /// Every token of `prefix` + `text`, untruncated, with byte offsets into that string; the special tokens
+    /// only if `add_special_tokens`.
+    pub fn token_spans(
+        &self,
+        text: &str,
+        prefix: &str,
+        add_special_tokens: bool,
+    ) -> Result<Vec<TokenSpan>, ModelError> {
+        if prefix.is_empty() {
+            self.tokenizer.spans(text, add_special_tokens)
+        } else {
+            self.tokenizer
+                .spans(&format!("{prefix}{text}"), add_special_tokens)
+        }
+    }
+
+    /// The text of token ids; an id outside the vocabulary is an [`ErrorKind::InvalidInput`].
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, ModelError> {
+        self.tokenizer.decode(ids, skip_special_tokens)
+    }
+
+    /// The int8/uint8 ranges of every width a request can get (see [`Model::allowed_dims`]), from the
+    /// calibration sentences through this model's engine as a request that names no prompt has them embedded
+    /// (the default prompt, if the model has one; cut at the end). Computed on the first call, in fixed
+    /// batches so that they are the same on every run; a concurrent first call waits for that one.
+    pub fn quantization_ranges(&self) -> Result<Arc<Calibrated>, ModelError> {
+        let mut dims = self.allowed_dims();
+        if !dims.contains(&self.dims) {
+            // Weights narrower than the catalog's widths (a test fixture) are served at their own width.
+            dims.push(self.dims);
+        }
+        let mut computed = false;
+        let calibrated = self.calibration.get_or_compute(&dims, |sentences| {
+            computed = true;
+            let tokens = sentences
+                .iter()
+                .map(|s| {
+                    let input = Input::Text(s.to_string());
+                    self.tokenize(
+                        &input,
+                        self.spec.default_prompt(),
+                        TruncationDirection::Right,
+                    )
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let batch: Vec<&[u32]> = tokens.iter().map(|t| t.ids.as_slice()).collect();
+            Ok(self
+                .encode(&batch)?
+                .into_iter()
+                .map(|pooled| {
+                    dims.iter()
+                        .map(|&d| self.finish(pooled.clone(), d))
+                        .collect()
+                })
+                .collect())
+        })?;
+        if computed {
+            eprintln!(
+                "calibrated the int8/uint8 ranges of {} on {} sentences in {:.2} s",
+                self.spec.name, calibrated.sentences, calibrated.seconds
+            );
+        }
+        Ok(calibrated)
     }
 
     /// Pooled vectors of full width for a batch of tokenised single texts; `finish` turns each into an
@@ -443,7 +532,13 @@ impl Model {
     pub fn embed(&self, inputs: &[Input]) -> Result<Vec<Vec<f32>>, ModelError> {
         let tokens = inputs
             .iter()
-            .map(|input| self.tokenize(input, self.spec.default_prompt()))
+            .map(|input| {
+                self.tokenize(
+                    input,
+                    self.spec.default_prompt(),
+                    TruncationDirection::Right,
+                )
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let batch: Vec<&[u32]> = tokens.iter().map(|t| t.ids.as_slice()).collect();
         let pooled = self.encode(&batch)?;

@@ -1,5 +1,6 @@
-//! API keys: `Authorization: Bearer <key>` on every route but /health, the page at / (which holds no data;
-//! it asks for the key when the API answers 401) and /metrics unless `--metrics-auth`. Keys are compared in constant time and never logged.
+//! API keys: `Authorization: Bearer <key>` on every route but /health, the page at / (which holds no
+//! data; it asks for the key when the API answers 401) and /metrics unless `--metrics-auth`. Keys are
+//! compared in constant time and never logged.
 
 use super::errors::ApiError;
 

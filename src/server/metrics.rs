@@ -54,6 +54,16 @@ const FAMILIES: &[(&str, &str, &str)] = &[
         "Pairs cut to the model's maximum, by model.",
     ),
     (
+        "embedding_tokenizer_requests_total",
+        "counter",
+        "Requests to /tokenize and /decode answered with 200, by model and endpoint.",
+    ),
+    (
+        "embedding_tokenizer_tokens_total",
+        "counter",
+        "Tokens listed by /tokenize and ids decoded by /decode, by model and endpoint.",
+    ),
+    (
         "embedding_errors_total",
         "counter",
         "Requests answered with an error, by HTTP status.",
@@ -207,6 +217,13 @@ impl Metrics {
             &model,
             truncated as f64,
         );
+    }
+
+    /// A successful `/tokenize` or `/decode` request.
+    pub fn record_tokenizer(&self, model: &str, endpoint: &str, tokens: usize) {
+        let labels = labels(&[("model", model), ("endpoint", endpoint)]);
+        self.add("embedding_tokenizer_requests_total", &labels, 1.0);
+        self.add("embedding_tokenizer_tokens_total", &labels, tokens as f64);
     }
 
     /// The time an embedding request took, whatever its outcome.

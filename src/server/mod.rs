@@ -3,6 +3,7 @@
 
 pub mod api;
 mod auth;
+mod compact;
 mod config;
 mod errors;
 mod front_door;
@@ -12,6 +13,7 @@ pub mod notify;
 mod queue;
 mod rerank;
 mod routes;
+mod tokens;
 mod ui;
 
 use std::io::Read;
@@ -63,6 +65,11 @@ impl App {
             .iter()
             .find(|q| q.model().spec.name == name)
             .ok_or_else(|| ApiError::model_not_found(name, &self.model_names()))
+    }
+
+    /// The first loaded model's queue (`serve` refuses to start without one).
+    fn first_queue(&self) -> &BatchQueue {
+        &self.queues[0]
     }
 
     /// The queue of the model a request for `task` names, or of the first model loaded for `task` when it

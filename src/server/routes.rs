@@ -5,11 +5,11 @@
 use std::panic::AssertUnwindSafe;
 use std::time::Instant;
 
-use super::api::{self, Api, EmbedRequest};
+use super::api::{self, Api, EmbedRequest, EncodingFormat, Vectors};
 use super::errors::{excerpt, ApiError};
 use super::queue::QueueError;
 use super::rerank::{self, Shape};
-use super::App;
+use super::{compact, tokens, App};
 use crate::models::{ErrorKind, Task, Tokens};
 
 /// The API's OpenAPI 3.1 document, written by hand and kept true by tests/openapi.rs.
@@ -35,7 +35,7 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
-    pub(super) fn json(body: String) -> Outgoing {
+    pub fn json(body: String) -> Outgoing {
         Outgoing {
             status: 200,
             content_type: "application/json",
@@ -169,6 +169,9 @@ pub const ROUTES: &[Route] = &[
     // Cohere's version 2 path: what LangChain's CohereRerank calls.
     route("/v2/rerank", &["POST"], rerank_cohere),
     route("/rerank", &["POST"], rerank_tei),
+    route("/tokenize", &["POST"], tokens::tokenize),
+    route("/decode", &["POST"], tokens::decode),
+    route("/v1/models/{id}/quantization", &["GET"], quantization),
 ];
 
 impl Route {
@@ -246,6 +249,13 @@ fn model_card(app: &App, _: &Incoming, params: &[&str]) -> Result<Outgoing, ApiE
     Ok(Outgoing::json(api::model_card(model, app.started)))
 }
 
+fn quantization(app: &App, _: &Incoming, params: &[&str]) -> Result<Outgoing, ApiError> {
+    // A reranker gives scores, not vectors: nothing to quantize.
+    let model = app.queue_for(Some(params[0]), Task::Embed)?.model();
+    let calibrated = compact::ranges(model)?;
+    Ok(Outgoing::json(api::quantization_card(model, &calibrated)))
+}
+
 fn encode(app: &App, request: &Incoming, _: &[&str]) -> Result<Outgoing, ApiError> {
     embed(app, Api::Encode, request)
 }
@@ -299,6 +309,7 @@ fn embed_inner(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiE
         dimensions,
         task,
         truncate,
+        truncation_direction,
     } = body;
     let queue = app.queue_for(model.as_deref(), Task::Embed)?;
     let model = queue.model();
@@ -330,42 +341,30 @@ fn embed_inner(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiE
             ));
         }
     };
-    let prefix = match task.as_deref() {
-        // As sentence-transformers does: the model's default prompt when the request names none.
-        None => spec.default_prompt(),
-        Some(_) if spec.prompts.is_empty() => {
-            return Err(ApiError::invalid_param(
-                "task",
-                format!("{} takes no task prompts.", spec.name),
-            ))
-        }
-        Some(task) => spec.prompt(task).ok_or_else(|| {
-            let tasks: Vec<&str> = spec.prompts.iter().map(|(t, _)| t.as_str()).collect();
-            ApiError::invalid_param(
-                "task",
-                format!(
-                    "Unknown task `{}`; {} knows: {}.",
-                    excerpt(task),
-                    spec.name,
-                    tasks.join(", ")
-                ),
-            )
-        })?,
-    };
+    let prefix = api::prompt_prefix(spec, task.as_deref(), "task")?;
     let truncate = truncate.unwrap_or(limits.truncate);
+    // A compact format is checked (and int8/uint8 calibrated) before the engine spends anything.
+    let compact = match encoding_format {
+        EncodingFormat::Compact(precision) => {
+            Some(compact::prepare(model, precision, dims, "encoding_format")?)
+        }
+        _ => None,
+    };
 
     let mut tokenized: Vec<Tokens> = Vec::with_capacity(inputs.len());
     let mut total = 0usize;
     for (index, input) in inputs.iter().enumerate() {
-        let tokens = model.tokenize(input, prefix).map_err(|e| match e.kind {
-            ErrorKind::InvalidInput => {
-                ApiError::invalid_param("input", format!("input {index}: {e}"))
-            }
-            _ => {
-                eprintln!("error: tokenising input {index} for {}: {e}", spec.name);
-                ApiError::internal()
-            }
-        })?;
+        let tokens = model
+            .tokenize(input, prefix, truncation_direction)
+            .map_err(|e| match e.kind {
+                ErrorKind::InvalidInput => {
+                    ApiError::invalid_param("input", format!("input {index}: {e}"))
+                }
+                _ => {
+                    eprintln!("error: tokenising input {index} for {}: {e}", spec.name);
+                    ApiError::internal()
+                }
+            })?;
         if !truncate && tokens.untruncated > model.max_tokens() {
             return Err(ApiError::invalid_param(
                 "input",
@@ -398,6 +397,11 @@ fn embed_inner(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiE
         .map_err(|e| engine_error(e, &spec.name, "input"))?;
     let count = pooled.len();
     let embeddings: Vec<Vec<f32>> = pooled.into_iter().map(|p| model.finish(p, dims)).collect();
+    let vectors = match (encoding_format, &compact) {
+        (_, Some(prepared)) => Vectors::Compact(compact::convert(prepared, &embeddings)?),
+        (EncodingFormat::Base64, None) => Vectors::Base64(embeddings),
+        _ => Vectors::Float(embeddings),
+    };
     let api_label = if api == Api::Encode {
         "encode"
     } else {
@@ -405,7 +409,7 @@ fn embed_inner(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiE
     };
     app.metrics
         .record_request(&spec.name, api_label, count, total, truncated);
-    let body = api::embeddings_response(&spec.name, &embeddings, encoding_format, total);
+    let body = api::embeddings_response(&spec.name, &vectors, dims, total);
     Ok(Outgoing {
         inputs: count,
         tokens: total,
