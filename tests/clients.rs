@@ -31,47 +31,12 @@ const IMPORTS: &str = "import openai, langchain_openai, langchain_cohere, llama_
     llama_index.embeddings.openai, llama_index.postprocessor.jinaai_rerank, llama_index.postprocessor.tei_rerank";
 
 fn python_with_clients() -> PathBuf {
-    if let Some(python) = std::env::var_os("EMBEDDING_SERVER_CLIENTS_PYTHON") {
-        return PathBuf::from(python);
-    }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("target")
-        .join("clients-venv");
-    let python = venv.join("bin").join("python");
-    let has_clients = |python: &PathBuf| {
-        Command::new(python)
-            .args(["-c", IMPORTS])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !has_clients(&python) {
-        let created = Command::new("python3")
-            .arg("-m")
-            .arg("venv")
-            .arg(&venv)
-            .status();
-        assert!(
-            created.is_ok_and(|s| s.success()),
-            "cannot create a venv with python3 -m venv at {}",
-            venv.display()
-        );
-        let installed = Command::new(&python)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-            ])
-            .args(PACKAGES)
-            .status();
-        assert!(
-            installed.is_ok_and(|s| s.success()),
-            "pip could not install {}",
-            PACKAGES.join(" ")
-        );
-    }
-    python
+    common::python_venv(
+        "EMBEDDING_SERVER_CLIENTS_PYTHON",
+        "clients-venv",
+        &PACKAGES,
+        IMPORTS,
+    )
 }
 
 /// The server the clients call: the embedded model and the shared rerank-tiny.

@@ -12,7 +12,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use common::{floats, Server};
+use common::{floats, Scratch, Server};
 use embedding_server::models::{directory, Model, ScoreActivation, Source, Task};
 use serde_json::{json, Value};
 
@@ -285,6 +285,24 @@ fn http_reranks_in_both_shapes_as_cross_encoder_predict_does() {
     for (name, _) in OWN {
         check_http(own_server(), &fixtures_dir(), name);
     }
+}
+
+#[test]
+fn a_reranker_gives_no_embeddings_and_an_embedding_model_no_scores() {
+    let reranker = load(&shared_reference(), "rerank-tiny");
+    let error = reranker
+        .embed(&[embedding_server::models::Input::Text("a".into())])
+        .unwrap_err();
+    assert!(error.message.contains("reranker"), "{}", error.message);
+    let st = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/st");
+    let embedder = load(&st, "cls-newer");
+    assert_eq!(embedder.spec.task, Task::Embed);
+    let error = embedder.rerank("q", &["a"]).unwrap_err();
+    assert!(
+        error.message.contains("not a reranker"),
+        "{}",
+        error.message
+    );
 }
 
 #[test]
@@ -562,47 +580,18 @@ fn metrics_count_rerank_requests_pairs_and_tokens_through_the_batching_queue() {
 
 // ---- directories that are not one-label BERT cross-encoders ------------------------------------------
 
-/// A scratch copy of a fixture with some files changed; removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(from: &Path, edit: impl FnOnce(&Path)) -> Scratch {
-        let root = std::env::temp_dir().join(format!(
-            "embedding-server-rerank-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        ));
-        let model = root.join("m");
-        std::fs::create_dir_all(&model).unwrap();
-        for entry in std::fs::read_dir(from).unwrap() {
-            let entry = entry.unwrap();
-            std::fs::copy(entry.path(), model.join(entry.file_name())).unwrap();
-        }
-        edit(&model);
-        Scratch(root)
-    }
-
-    fn load(&self) -> Result<Model, String> {
-        directory::spec(&self.0, "m", None)
-            .and_then(|spec| Model::load(&spec, &Source::Dir(self.0.clone())))
-            .map_err(|e| e.message)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// Loads the scratch copy's model.
+fn load_scratch(scratch: &Scratch) -> Result<Model, String> {
+    let dir = scratch.root().to_path_buf();
+    directory::spec(&dir, "m", None)
+        .and_then(|spec| Model::load(&spec, &Source::Dir(dir)))
+        .map_err(|e| e.message)
 }
 
 fn edit_config(model: &Path, edit: impl FnOnce(&mut serde_json::Map<String, Value>)) {
-    let path = model.join("config.json");
-    let mut value: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    edit(value.as_object_mut().unwrap());
-    std::fs::write(&path, value.to_string()).unwrap();
+    common::edit_json(&model.join("config.json"), |v| {
+        edit(v.as_object_mut().unwrap())
+    });
 }
 
 #[test]
@@ -616,7 +605,7 @@ fn directories_that_cannot_rerank_are_refused_naming_why() {
             );
         })
     });
-    let error = three_labels.load().err().unwrap();
+    let error = load_scratch(&three_labels).err().unwrap();
     assert!(
         error.contains("3 labels") && error.contains("entailment") && error.contains("one-label"),
         "{error}"
@@ -629,7 +618,7 @@ fn directories_that_cannot_rerank_are_refused_naming_why() {
             );
         })
     });
-    let error = unknown.load().err().unwrap();
+    let error = load_scratch(&unknown).err().unwrap();
     assert!(
         error.contains("Hardswish") && error.contains("Sigmoid"),
         "{error}"
@@ -644,7 +633,7 @@ fn directories_that_cannot_rerank_are_refused_naming_why() {
         )
         .unwrap();
     });
-    let error = lone_transformer.load().err().unwrap();
+    let error = load_scratch(&lone_transformer).err().unwrap();
     assert!(
         error.contains("Pooling") && error.contains("ForSequenceClassification"),
         "{error}"
@@ -668,7 +657,7 @@ fn the_sentence_transformers_files_written_for_a_reranker_read_back_the_same() {
             std::fs::write(m.join(file), text).unwrap();
         }
     });
-    let read = written.load().unwrap();
+    let read = load_scratch(&written).unwrap();
     assert_eq!(read.spec.task, Task::Rerank);
     assert_eq!(read.spec.activation, ScoreActivation::Tanh);
     assert_eq!(read.max_tokens(), original.max_tokens());
@@ -683,8 +672,7 @@ fn the_sentence_transformers_files_written_for_a_reranker_read_back_the_same() {
 fn activations_are_found_where_cross_encoder_looks_in_its_order() {
     let fixture = fixtures_dir().join("sbert-ce-tanh");
     let activation = |edit: Box<dyn FnOnce(&Path)>| {
-        Scratch::new(&fixture, edit)
-            .load()
+        load_scratch(&Scratch::new(&fixture, edit))
             .unwrap_or_else(|e| panic!("{e}"))
             .spec
             .activation

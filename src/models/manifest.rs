@@ -405,6 +405,7 @@ mod tests {
         let mut e = entry();
         e["task"] = "rerank".into();
         e["activation"] = "tanh".into();
+        e["normalize"] = false.into();
         let text = serde_json::json!({ "models": [e.clone()] }).to_string();
         let entries = Manifest::parse(&text).unwrap().entries().unwrap();
         assert_eq!(entries[0].task, Task::Rerank);

@@ -518,6 +518,12 @@ impl Model {
     /// document, in order, what sentence-transformers' `CrossEncoder.predict` gives (with and without its
     /// activation).
     pub fn rerank(&self, query: &str, documents: &[&str]) -> Result<Vec<(f32, f32)>, ModelError> {
+        if self.spec.task != Task::Rerank {
+            return Err(ModelError::invalid(format!(
+                "{} is an embedding model, not a reranker: it gives vectors, not scores of pairs",
+                self.spec.name
+            )));
+        }
         let tokens = self.tokenize_pairs(query, documents)?;
         let batch: Vec<Sequence> = tokens.iter().map(Tokens::sequence).collect();
         let logits = self.encode_sequences(&batch)?;
@@ -530,6 +536,13 @@ impl Model {
     /// Tokenise (with the model's default prompt, if it has one), encode and finish in one call, at full
     /// width: what sentence-transformers' `encode` gives.
     pub fn embed(&self, inputs: &[Input]) -> Result<Vec<Vec<f32>>, ModelError> {
+        if self.spec.task == Task::Rerank {
+            return Err(ModelError::invalid(format!(
+                "{} is a reranker (a cross-encoder): it scores (query, document) pairs (`/v1/rerank`) and \
+                 gives no embeddings",
+                self.spec.name
+            )));
+        }
         let tokens = inputs
             .iter()
             .map(|input| {

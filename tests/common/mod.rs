@@ -264,3 +264,100 @@ pub fn floats(value: &serde_json::Value) -> Vec<f32> {
         .map(|v| v.as_f64().unwrap() as f32)
         .collect()
 }
+
+/// A scratch copy of a model directory, with some files changed: `root()/m` is the model, so that
+/// `--model-dir root()` with `--model m` serves it. Removed on drop.
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    pub fn new(from: &std::path::Path, edit: impl FnOnce(&std::path::Path)) -> Scratch {
+        let root = std::env::temp_dir().join(format!(
+            "embedding-server-scratch-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let model = root.join("m");
+        copy_dir(from, &model);
+        edit(&model);
+        Scratch(root)
+    }
+
+    /// The directory to give as `--model-dir`; the model is its `m`.
+    pub fn root(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// Rewrites the JSON file at `path` through `edit`.
+pub fn edit_json(path: &std::path::Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut value: serde_json::Value = serde_json::from_str(&text).unwrap();
+    edit(&mut value);
+    std::fs::write(path, value.to_string()).unwrap();
+}
+
+/// A Python that can `import_line`: the one `env_var` names, else the venv `target/<venv>`, created and
+/// given `packages` with pip on first use.
+pub fn python_venv(env_var: &str, venv: &str, packages: &[&str], import_line: &str) -> PathBuf {
+    if let Some(python) = std::env::var_os(env_var) {
+        return PathBuf::from(python);
+    }
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("target")
+        .join(venv);
+    let python = venv.join("bin").join("python");
+    let ready = Command::new(&python)
+        .args(["-c", import_line])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ready {
+        let created = Command::new("python3")
+            .arg("-m")
+            .arg("venv")
+            .arg(&venv)
+            .status();
+        assert!(
+            created.is_ok_and(|s| s.success()),
+            "cannot create a venv with python3 -m venv at {}",
+            venv.display()
+        );
+        let installed = Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(packages)
+            .status();
+        assert!(
+            installed.is_ok_and(|s| s.success()),
+            "pip could not install {}",
+            packages.join(" ")
+        );
+    }
+    python
+}
