@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::models::Pooling;
-use crate::server::{AuthConfig, DoorConfig, Limits, ServeConfig};
+use crate::server::{AuthConfig, DoorConfig, Limits, ProbeConfig, ServeConfig};
 
 /// One flag: its name, the environment variable that stands in for it, its default and its help line.
 pub struct Flag {
@@ -84,7 +84,10 @@ pub const FLAGS: &[Flag] = &[
     flag("body-timeout", "SECONDS", "10", "a request body still arriving after this long gets 408 (slow clients)"),
     flag("idle-timeout", "SECONDS", "15", "close a connection that sends nothing for this long (not while it waits for its answer)"),
     flag("header-timeout", "SECONDS", "10", "close a connection whose request head takes longer than this (slowloris)"),
-    flag("max-connections", "N", "auto", "most open client connections; more get 503 and are closed (auto: the open-file limit, raised to its hard limit at start, less what the server itself uses; printed at start)"),
+    flag("max-connections", "N", "auto", "most open client connections; more get 503 and are closed (auto: the open-file limit, raised to its hard limit at start, less 64 + 2 x (threads + 1) for the server itself, at most 65536; printed at start)"),
+    flag("max-buffered-bytes", "BYTES", "67108864", "most request bytes the front door holds for all clients together; past it, it stops reading from clients until requests move on (at least --max-body-bytes + 64 KiB)"),
+    flag("probe-interval", "SECONDS", "5", "the server sends itself GET /health through its own socket this often (at least twice per systemd watchdog interval); WATCHDOG=1 follows each success"),
+    flag("unhealthy-exit", "SECONDS", "30", "exit 1 when no self-probe has succeeded for this long, so that a supervisor restarts the server (0: never)"),
     flag("shutdown-timeout", "SECONDS", "30", "on SIGTERM/SIGINT, finish accepted requests for at most this long, then exit"),
     repeated("api-key", "KEY", "require Authorization: Bearer KEY on every route but /health (repeatable; env: comma-separated)"),
     repeated("api-key-file", "FILE", "read API keys from FILE, one per line (repeatable)"),
@@ -265,12 +268,13 @@ pub fn serve_config(options: &Options) -> Result<ServeConfig, String> {
             max_request_tokens: options.number("max-request-tokens")?,
             truncate: !options.switch("no-truncate"),
             request_timeout: options.seconds("request-timeout")?,
-            body_timeout: options.seconds("body-timeout")?,
         },
         door: DoorConfig {
             max_connections,
             idle_timeout: options.seconds("idle-timeout")?,
             header_timeout: options.seconds("header-timeout")?,
+            body_timeout: options.seconds("body-timeout")?,
+            max_buffered_bytes: options.number("max-buffered-bytes")?,
         },
         max_batch_tokens: options.number("max-batch-tokens")?,
         queue_capacity: options.number("queue-capacity")?,
@@ -281,6 +285,10 @@ pub fn serve_config(options: &Options) -> Result<ServeConfig, String> {
             protect_metrics: options.switch("metrics-auth"),
         },
         cors_allow_origin: options.text("cors-allow-origin").map(String::from),
+        probe: ProbeConfig {
+            interval: options.seconds("probe-interval")?,
+            unhealthy_exit: options.seconds("unhealthy-exit")?,
+        },
         ui: !options.switch("no-ui"),
     })
 }

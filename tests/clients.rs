@@ -5,7 +5,7 @@
 //! the test's server, its reranker name at the shared rerank-tiny).
 //!
 //! The packages are installed with pip into `target/clients-venv` on first use (or give a Python that has
-//! them in `EMBEDDING_SERVER_CLIENTS_PYTHON`). That takes minutes, so the test is ignored by plain
+//! them in `EMBEDDING_SERVER_TEST_PYTHON`). That takes minutes, so the test is ignored by plain
 //! `cargo test`; `.ci/run` runs it with `--ignored`.
 
 mod common;
@@ -26,17 +26,20 @@ const PACKAGES: [&str; 7] = [
     "llama-index-postprocessor-tei-rerank",
 ];
 
-/// The modules the packages above provide, one import line.
-const IMPORTS: &str = "import openai, langchain_openai, langchain_cohere, llama_index.core, \
-    llama_index.embeddings.openai, llama_index.postprocessor.jinaai_rerank, llama_index.postprocessor.tei_rerank";
+/// The modules the packages above provide.
+const MODULES: [&str; 7] = [
+    "openai",
+    "langchain_openai",
+    "langchain_cohere",
+    "llama_index.core",
+    "llama_index.embeddings.openai",
+    "llama_index.postprocessor.jinaai_rerank",
+    "llama_index.postprocessor.tei_rerank",
+];
 
 fn python_with_clients() -> PathBuf {
-    common::python_venv(
-        "EMBEDDING_SERVER_CLIENTS_PYTHON",
-        "clients-venv",
-        &PACKAGES,
-        IMPORTS,
-    )
+    common::python_with("clients-venv", &MODULES, &PACKAGES)
+        .unwrap_or_else(|e| panic!("no Python with LangChain and LlamaIndex: {e}"))
 }
 
 /// The server the clients call: the embedded model and the shared rerank-tiny.

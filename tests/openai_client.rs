@@ -10,12 +10,8 @@ use std::process::Command;
 use common::{shared_dir, Server};
 
 fn python_with_openai() -> PathBuf {
-    common::python_venv(
-        "EMBEDDING_SERVER_TEST_PYTHON",
-        "openai-venv",
-        &["openai"],
-        "import openai",
-    )
+    common::python_with("openai-venv", &["openai"], &["openai"])
+        .unwrap_or_else(|e| panic!("no Python with the openai package: {e}"))
 }
 
 #[test]

@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::{Response, Server};
-use embedding_server::server::ROUTES;
+use embedding_server::server::{ErrorShape, ROUTES};
 use serde_json::{json, Value};
 
 const METHODS: [&str; 6] = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"];
@@ -399,11 +399,26 @@ fn every_documented_operation_answers_and_fits_the_document() {
     assert!(probed >= 15, "only {probed} operations probed");
 }
 
+/// The documented 405 of `path`: in the error shape of the API the path belongs to.
+fn method_not_allowed<'a>(doc: &'a Value, path: &str) -> &'a Value {
+    let shape = ROUTES
+        .iter()
+        .find(|route| route.path == path)
+        .map_or(ErrorShape::OpenAi, |route| route.errors);
+    let prefix = match shape {
+        ErrorShape::OpenAi => "",
+        ErrorShape::Ollama => "Ollama",
+        ErrorShape::Cohere => "Cohere",
+        ErrorShape::Tei => "Tei",
+    };
+    &doc["components"]["responses"][format!("{prefix}MethodNotAllowed")]
+}
+
 #[test]
 fn every_other_method_gets_405_naming_exactly_the_documented_methods() {
     let doc = document();
-    let not_allowed = &doc["components"]["responses"]["MethodNotAllowed"];
     for (path, methods) in operations(doc) {
+        let not_allowed = method_not_allowed(doc, &path);
         let documented: BTreeSet<String> = methods.iter().map(|(m, _)| m.clone()).collect();
         let concrete = path.replace("{id}", MODEL);
         for method in METHODS.iter().filter(|m| !documented.contains(**m)) {
@@ -429,7 +444,12 @@ fn the_route_table_and_the_document_list_the_same_paths_and_methods() {
         .map(|(path, methods)| (path, methods.into_iter().map(|(m, _)| m).collect()))
         .collect();
     for route in ROUTES {
-        let methods: BTreeSet<String> = route.methods.iter().map(|m| m.to_string()).collect();
+        // A path may take a row per method (`GET /` and `POST /`): together they answer its methods.
+        let methods: BTreeSet<String> = ROUTES
+            .iter()
+            .filter(|other| other.path == route.path)
+            .flat_map(|other| other.methods.iter().map(|m| m.to_string()))
+            .collect();
         let entry = documented.iter().find(|(path, _)| path == route.path);
         let Some((_, documented_methods)) = entry else {
             panic!(
@@ -619,7 +639,18 @@ fn rerank_request_schemas_accept_what_the_server_takes_and_refuse_what_it_refuse
                 "{path}: the schema takes {body}"
             );
             let response = server().post(path, &body);
-            assert_eq!(response.status, 400, "{path} {body}: {}", response.text());
+            // text-embeddings-inference's statuses on /rerank: 422, or 400 for no texts.
+            let expected: &[u16] = if path == "/rerank" {
+                &[400, 422]
+            } else {
+                &[400]
+            };
+            assert!(
+                expected.contains(&response.status),
+                "{path} {body}: {} {}",
+                response.status,
+                response.text()
+            );
             check_operation_response(doc, path, "POST", &response);
         }
     }
@@ -636,7 +667,13 @@ fn rerank_request_schemas_accept_what_the_server_takes_and_refuse_what_it_refuse
         ("/v1/embeddings", json!({"input": "a", "model": RERANKER})),
     ] {
         let response = server().post(path, &body);
-        assert_eq!(response.status, 400, "{path} {body}: {}", response.text());
+        let expected = if path == "/rerank" { 422 } else { 400 };
+        assert_eq!(
+            response.status,
+            expected,
+            "{path} {body}: {}",
+            response.text()
+        );
         check_operation_response(doc, path, "POST", &response);
     }
     let card = server()
@@ -677,13 +714,24 @@ fn every_error_the_server_can_be_made_to_give_fits_the_document() {
             json!({"query": "q", "documents": ["a"], "model": "gpt-4"}),
         ),
         (
+            "/v2/rerank",
+            json!({"query": "q", "documents": ["a"], "model": "gpt-4"}),
+        ),
+        (
             "/rerank",
             json!({"query": "q", "texts": ["a"], "model": "gpt-4"}),
         ),
     ] {
         let response = s.post(path, &body);
         assert_eq!(response.status, 404, "{path}");
-        assert_eq!(response.json()["error"]["code"], "model_not_found");
+        // Each in its API's body: OpenAI's names the code, Cohere's and text-embeddings-inference's the model.
+        let body = response.json();
+        let message = body["error"]["message"]
+            .as_str()
+            .or(body["message"].as_str())
+            .or(body["error"].as_str())
+            .unwrap_or_else(|| panic!("{path}: {body}"));
+        assert!(message.contains("gpt-4"), "{path}: {body}");
         check_operation_response(doc, path, "POST", &response);
     }
     let response = s.request("GET", "/v1/models/gpt-4", None);
@@ -730,6 +778,78 @@ fn every_error_the_server_can_be_made_to_give_fits_the_document() {
         );
         assert_eq!(response.status, 415, "{method} {path}: {}", response.text());
         check_operation_response(doc, path, method, &response);
+    }
+}
+
+#[test]
+fn every_error_a_dialect_can_be_made_to_give_fits_the_document() {
+    let doc = document();
+    let s = server();
+    let long = "word ".repeat(400);
+    let cases = [
+        ("/api/embed", "{not json".to_string(), 400),
+        (
+            "/api/embed",
+            json!({"input": "a", "model": "x"}).to_string(),
+            404,
+        ),
+        (
+            "/api/embed",
+            json!({"input": long, "truncate": false}).to_string(),
+            400,
+        ),
+        (
+            "/api/embeddings",
+            json!({"prompt": "a", "model": "x"}).to_string(),
+            404,
+        ),
+        (
+            "/v2/embed",
+            json!({"texts": ["a"], "model": "x"}).to_string(),
+            404,
+        ),
+        (
+            "/v2/embed",
+            json!({"texts": [long], "truncate": "NONE"}).to_string(),
+            400,
+        ),
+        ("/v2/embed", json!({"images": ["data:,"]}).to_string(), 400),
+        ("/embed", json!({"inputs": []}).to_string(), 400),
+        (
+            "/embed",
+            json!({"inputs": long, "truncate": false}).to_string(),
+            422,
+        ),
+        ("/", json!({"inputs": "a", "model": "x"}).to_string(), 404),
+        ("/", "[]".to_string(), 422),
+    ];
+    let json_type = [("Content-Type", "application/json")];
+    for (path, body, status) in cases {
+        let response = s.raw_request("POST", path, &json_type, body.as_bytes());
+        assert_eq!(
+            response.status,
+            status,
+            "{path} {body}: {}",
+            response.text()
+        );
+        check_operation_response(doc, path, "POST", &response);
+    }
+    let large = format!(r#"{{"inputs": "{}"}}"#, "a".repeat(MAX_BODY_BYTES));
+    for (method, path) in [
+        ("POST", "/api/embed"),
+        ("GET", "/api/tags"),
+        ("POST", "/v2/embed"),
+        ("POST", "/"),
+        ("GET", "/info"),
+    ] {
+        let response = s.raw_request(method, path, &json_type, large.as_bytes());
+        assert_eq!(response.status, 413, "{method} {path}: {}", response.text());
+        check_operation_response(doc, path, method, &response);
+    }
+    for path in ["/v2/embed", "/embed"] {
+        let response = s.raw_request("POST", path, &[("Content-Type", "text/plain")], b"{}");
+        assert_eq!(response.status, 415, "{path}: {}", response.text());
+        check_operation_response(doc, path, "POST", &response);
     }
 }
 

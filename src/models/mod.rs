@@ -533,6 +533,12 @@ impl Model {
             .collect())
     }
 
+    /// [`Model::finish`] without the final L2 normalisation (for a model that has one): the v1.5 layer
+    /// norm and the cut to `dims` still apply.
+    pub fn finish_unnormalized(&self, pooled: Vec<f32>, dims: usize) -> Vec<f32> {
+        pooling::finish_unnormalized(&self.spec, pooled, dims)
+    }
+
     /// Tokenise (with the model's default prompt, if it has one), encode and finish in one call, at full
     /// width: what sentence-transformers' `encode` gives.
     pub fn embed(&self, inputs: &[Input]) -> Result<Vec<Vec<f32>>, ModelError> {

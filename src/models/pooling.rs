@@ -47,7 +47,26 @@ pub fn pool(states: &[f32], width: usize, lengths: &[usize], mode: Pooling) -> V
 }
 
 /// Turns a pooled vector into the embedding of width `dims` that `spec` promises.
-pub fn finish(spec: &ModelSpec, mut pooled: Vec<f32>, dims: usize) -> Vec<f32> {
+pub fn finish(spec: &ModelSpec, pooled: Vec<f32>, dims: usize) -> Vec<f32> {
+    let mut embedding = finish_unnormalized(spec, pooled, dims);
+    if spec.normalize {
+        // torch.nn.functional.normalize: v / max(‖v‖, 1e-12).
+        let norm = embedding
+            .iter()
+            .map(|&x| f64::from(x).powi(2))
+            .sum::<f64>()
+            .sqrt()
+            .max(1e-12);
+        for x in &mut embedding {
+            *x = (f64::from(*x) / norm) as f32;
+        }
+    }
+    embedding
+}
+
+/// Every step of [`finish`] before the L2 normalisation: what a client that normalises (or not) by
+/// itself asks for.
+pub fn finish_unnormalized(spec: &ModelSpec, mut pooled: Vec<f32>, dims: usize) -> Vec<f32> {
     if spec.post_pooling_layer_norm {
         // nomic-embed-text-v1.5: F.layer_norm over the full width, no affine parameters, eps 1e-5.
         let n = pooled.len().max(1) as f64;
@@ -63,18 +82,6 @@ pub fn finish(spec: &ModelSpec, mut pooled: Vec<f32>, dims: usize) -> Vec<f32> {
         }
     }
     pooled.truncate(dims);
-    if spec.normalize {
-        // torch.nn.functional.normalize: v / max(‖v‖, 1e-12).
-        let norm = pooled
-            .iter()
-            .map(|&x| f64::from(x).powi(2))
-            .sum::<f64>()
-            .sqrt()
-            .max(1e-12);
-        for x in &mut pooled {
-            *x = (f64::from(*x) / norm) as f32;
-        }
-    }
     pooled
 }
 

@@ -1,5 +1,6 @@
 //! The API's request and response bodies: parsing `/v1/embeddings` and `/v1/encode` requests into plain
-//! values, and writing the JSON the clients expect. No tensors here, and no sockets.
+//! values, and writing the JSON the clients expect; also the pieces every dialect reads and writes JSON
+//! with (a body as an object, typed fields, inputs, float vectors). No tensors here, and no sockets.
 
 use serde_json::{json, Map, Value};
 
@@ -40,7 +41,7 @@ pub struct EmbedRequest {
     pub truncation_direction: TruncationDirection,
 }
 
-/// Refuses a body that is not declared as JSON (415).
+/// Refuses a body that is not declared as JSON (415), as every embedding route but Ollama's does.
 pub fn require_json(content_type: Option<&str>) -> Result<(), ApiError> {
     let media = content_type.map(|c| {
         c.split(';')
@@ -119,7 +120,7 @@ pub fn parse_embed_request(body: &[u8]) -> Result<EmbedRequest, ApiError> {
     optional_string(&fields, "user")?;
     Ok(EmbedRequest {
         model: optional_string(&fields, "model")?,
-        inputs: parse_inputs(fields.get("input"))?,
+        inputs: parse_inputs(fields.get("input"), "input")?,
         encoding_format: match optional_string(&fields, "encoding_format")?.as_deref() {
             None | Some("float") => EncodingFormat::Float,
             Some("base64") => EncodingFormat::Base64,
@@ -136,20 +137,7 @@ pub fn parse_embed_request(body: &[u8]) -> Result<EmbedRequest, ApiError> {
                 }
             },
         },
-        dimensions: match fields.get("dimensions") {
-            None | Some(Value::Null) => None,
-            Some(v) => Some(
-                whole_number(v)
-                    .filter(|&d| d > 0)
-                    .map(|d| d as usize)
-                    .ok_or_else(|| {
-                        ApiError::invalid_param(
-                            "dimensions",
-                            "dimensions must be a positive integer.",
-                        )
-                    })?,
-            ),
-        },
+        dimensions: optional_positive(&fields, "dimensions")?,
         task: match optional_string(&fields, "task")? {
             Some(task) => Some(task),
             None => optional_string(&fields, "prompt_name")?,
@@ -182,6 +170,22 @@ pub fn optional_bool(fields: &Map<String, Value>, key: &str) -> Result<Option<bo
     }
 }
 
+/// A positive integer field such as `dimensions`, also when written as `384.0`.
+pub fn optional_positive(
+    fields: &Map<String, Value>,
+    key: &str,
+) -> Result<Option<usize>, ApiError> {
+    match fields.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => whole_number(v)
+            .filter(|&d| d > 0)
+            .map(|d| Some(d as usize))
+            .ok_or_else(|| {
+                ApiError::invalid_param(key, format!("{key} must be a positive integer."))
+            }),
+    }
+}
+
 /// A non-negative integer, also when written as `3.0`: JSON (and JSON Schema) make no difference.
 pub fn whole_number(value: &Value) -> Option<u64> {
     value.as_u64().or_else(|| {
@@ -203,12 +207,13 @@ pub fn optional_string(fields: &Map<String, Value>, key: &str) -> Result<Option<
     }
 }
 
-/// `input`: a string, an array of strings, an array of token ids, or an array of arrays of token ids.
-fn parse_inputs(input: Option<&Value>) -> Result<Vec<Input>, ApiError> {
+/// The inputs of a request, in the field `field`: a string, an array of strings, an array of token ids, or
+/// an array of arrays of token ids.
+pub fn parse_inputs(input: Option<&Value>, field: &str) -> Result<Vec<Input>, ApiError> {
     let shape_error = || {
         ApiError::invalid_param(
-            "input",
-            "input must be a string, an array of strings, an array of token ids, or an array of arrays of token ids.",
+            field,
+            format!("{field} must be a string, an array of strings, an array of token ids, or an array of arrays of token ids."),
         )
     };
     let token_ids = |items: &[Value]| -> Result<Vec<u32>, ApiError> {
@@ -219,7 +224,7 @@ fn parse_inputs(input: Option<&Value>) -> Result<Vec<Input>, ApiError> {
                     .and_then(|id| u32::try_from(id).ok())
                     .ok_or_else(|| {
                         ApiError::invalid_param(
-                            "input",
+                            field,
                             "token ids must be non-negative integers below 2^32.",
                         )
                     })
@@ -228,13 +233,13 @@ fn parse_inputs(input: Option<&Value>) -> Result<Vec<Input>, ApiError> {
     };
     match input {
         None | Some(Value::Null) => Err(ApiError::invalid_param(
-            "input",
-            "The body lacks \"input\".",
+            field,
+            format!("The body lacks \"{field}\"."),
         )),
         Some(Value::String(text)) => Ok(vec![Input::Text(text.clone())]),
-        Some(Value::Array(items)) if items.is_empty() => Err(ApiError::invalid_param(
-            "input",
-            "input must not be an empty array.",
+        Some(Value::Array(items)) if items.is_empty() => Err(ApiError::empty_input(
+            field,
+            format!("{field} must not be an empty array."),
         )),
         Some(Value::Array(items)) => match &items[0] {
             Value::String(_) => items
@@ -249,8 +254,8 @@ fn parse_inputs(input: Option<&Value>) -> Result<Vec<Input>, ApiError> {
             Value::Array(_) => items
                 .iter()
                 .map(|v| match v {
-                    Value::Array(ids) if ids.is_empty() => Err(ApiError::invalid_param(
-                        "input",
+                    Value::Array(ids) if ids.is_empty() => Err(ApiError::empty_input(
+                        field,
                         "a token id array must not be empty.",
                     )),
                     Value::Array(ids) => Ok(Input::Ids(token_ids(ids)?)),
@@ -302,8 +307,7 @@ pub fn embeddings_response(
             Vectors::Float(v) => write_floats(&mut out, &v[index]),
             Vectors::Base64(v) => {
                 out.push('"');
-                let bytes: Vec<u8> = v[index].iter().flat_map(|x| x.to_le_bytes()).collect();
-                base64_into(&mut out, &bytes);
+                write_base64_floats(&mut out, &v[index]);
                 out.push('"');
             }
             Vectors::Compact(v) => write_integers(&mut out, &v[index]),
@@ -319,15 +323,33 @@ pub fn embeddings_response(
 }
 
 /// `[x,y,…]` with each float in the shortest form that reads back to the same f32.
-fn write_floats(out: &mut String, values: &[f32]) {
+pub fn write_floats(out: &mut String, values: &[f32]) {
     let mut buffer = Vec::with_capacity(values.len() * 12);
     // Serialising a slice of finite f32 cannot fail; the engine rejects non-finite output before this.
     let _ = serde_json::to_writer(&mut buffer, values);
     out.push_str(std::str::from_utf8(&buffer).unwrap_or("[]"));
 }
 
+/// The little-endian bytes of `values`, base64-encoded, as OpenAI and Cohere send float vectors.
+pub fn write_base64_floats(out: &mut String, values: &[f32]) {
+    let bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+    base64_into(out, &bytes);
+}
+
+/// `[[x,…],[y,…]]`.
+pub fn write_vectors(out: &mut String, vectors: &[Vec<f32>]) {
+    out.push('[');
+    for (i, vector) in vectors.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        write_floats(out, vector);
+    }
+    out.push(']');
+}
+
 /// `[1,-2,…]`.
-fn write_integers(out: &mut String, compact: &Compact) {
+pub fn write_integers(out: &mut String, compact: &Compact) {
     use std::fmt::Write as _;
     out.push('[');
     let mut first = true;
@@ -345,7 +367,7 @@ fn write_integers(out: &mut String, compact: &Compact) {
     out.push(']');
 }
 
-pub(super) fn base64_into(out: &mut String, bytes: &[u8]) {
+pub fn base64_into(out: &mut String, bytes: &[u8]) {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     for chunk in bytes.chunks(3) {
         let b = [

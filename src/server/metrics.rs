@@ -94,6 +94,21 @@ const FAMILIES: &[(&str, &str, &str)] = &[
         "Tokens per engine batch, by model.",
     ),
     (
+        "embedding_open_connections",
+        "gauge",
+        "Client connections the front door holds open.",
+    ),
+    (
+        "embedding_buffered_request_bytes",
+        "gauge",
+        "Request bytes the front door holds for clients (bounded by --max-buffered-bytes).",
+    ),
+    (
+        "embedding_waiting_requests",
+        "gauge",
+        "Whole requests waiting in the front door for a free HTTP worker.",
+    ),
+    (
         "process_resident_memory_bytes",
         "gauge",
         "Resident memory size in bytes.",
@@ -268,6 +283,13 @@ impl Metrics {
         self.add("embedding_batch_inputs_sum", &model, inputs as f64);
         self.add("embedding_batch_tokens_count", &model, 1.0);
         self.add("embedding_batch_tokens_sum", &model, tokens as f64);
+    }
+
+    /// The front door's state, refreshed by it several times a second.
+    pub fn record_door(&self, open: usize, buffered: usize, waiting: usize) {
+        self.set("embedding_open_connections", "", open as f64);
+        self.set("embedding_buffered_request_bytes", "", buffered as f64);
+        self.set("embedding_waiting_requests", "", waiting as f64);
     }
 
     /// The Prometheus text exposition of every sample, process metrics read fresh.

@@ -73,13 +73,13 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl BatchQueue {
-    /// Starts the engine thread of `model`.
+    /// Starts the engine thread of `model`; fails (saying why) when the host allows no more threads.
     pub fn start(
         model: Arc<Model>,
         max_batch_tokens: usize,
         capacity: usize,
         metrics: Arc<Metrics>,
-    ) -> BatchQueue {
+    ) -> Result<BatchQueue, String> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 entries: VecDeque::new(),
@@ -95,8 +95,8 @@ impl BatchQueue {
         std::thread::Builder::new()
             .name(format!("engine-{}", shared.model.spec.name))
             .spawn(move || engine_loop(&engine))
-            .expect("cannot start the engine thread");
-        BatchQueue { shared }
+            .map_err(|e| format!("cannot start the engine thread: {e}"))?;
+        Ok(BatchQueue { shared })
     }
 
     pub fn model(&self) -> &Arc<Model> {

@@ -8,7 +8,8 @@ use serde_json::{json, Map, Value};
 
 use super::api::{self, optional_bool, optional_string, whole_number};
 use super::errors::{excerpt, ApiError};
-use super::routes::{engine_error, Incoming, Outgoing};
+use super::pipeline::queue_error;
+use super::routes::{Incoming, Outgoing};
 use super::App;
 use crate::models::{ErrorKind, Task, Tokens};
 
@@ -152,10 +153,11 @@ fn parse_documents(shape: Shape, fields: &Map<String, Value>) -> Result<Vec<Stri
             ))
         }
         Some(Value::Array(items)) if items.is_empty() => {
-            return Err(ApiError::invalid_param(
+            // text-embeddings-inference answers no texts with its own status (400 `Empty`, not 422).
+            return Err(ApiError::empty_input(
                 field,
                 format!("{field} must not be an empty array: give at least one text to rank."),
-            ))
+            ));
         }
         Some(Value::Array(items)) => items,
         Some(_) => {
@@ -322,7 +324,7 @@ pub fn handle(app: &App, shape: Shape, request: &Incoming) -> Result<Outgoing, A
 
     let logits = queue
         .embed(pairs, limits.request_timeout)
-        .map_err(|e| engine_error(e, &spec.name, field))?;
+        .map_err(|e| queue_error(e, &spec.name, field))?;
     let results = logits
         .iter()
         .enumerate()

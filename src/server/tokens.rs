@@ -93,12 +93,9 @@ pub fn decode(app: &App, request: &Incoming, _: &[&str]) -> Result<Outgoing, Api
 
 fn model<'a>(app: &'a App, fields: &Map<String, Value>) -> Result<&'a Model, ApiError> {
     let name = api::optional_string(fields, "model")?;
-    // Any model has a tokenizer: the first loaded, whatever its task, when the request names none.
-    let queue = match name.as_deref() {
-        Some(name) => app.queue(name)?,
-        None => app.first_queue(),
-    };
-    Ok(queue.model())
+    Ok(app
+        .queue(name.as_deref().unwrap_or(&app.default_model))?
+        .model())
 }
 
 fn within_inputs(count: usize, limit: usize, param: &str) -> Result<(), ApiError> {
