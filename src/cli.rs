@@ -76,7 +76,8 @@ pub const FLAGS: &[Flag] = &[
     flag("pooling", "MODE", "", "how a --model-dir model without modules.json (a plain transformers directory) pools: cls, mean, max or mean_sqrt_len_tokens"),
     flag("max-body-bytes", "BYTES", "2097152", "largest request body; larger gets 413"),
     flag("max-inputs", "N", "2048", "most inputs in one request; more gets 400"),
-    flag("max-request-tokens", "N", "300000", "most tokens in one request, summed after truncation; more gets 400"),
+    flag("max-documents", "N", "1000", "most documents in one rerank request (/v1/rerank, /rerank); more gets 400"),
+    flag("max-request-tokens", "N", "300000", "most tokens in one request, summed after truncation (a rerank request: over its query-document pairs); more gets 400"),
     flag("max-batch-tokens", "N", "16384", "token budget of one batch the engine runs (the sum of its inputs' tokens; nothing is padded)"),
     flag("queue-capacity", "N", "16384", "most inputs waiting for the engine; a request that would exceed it gets 429"),
     flag("request-timeout", "SECONDS", "60", "a request still waiting for the engine after this long gets 503"),
@@ -263,6 +264,7 @@ pub fn serve_config(options: &Options) -> Result<ServeConfig, String> {
         limits: Limits {
             max_body_bytes: options.number("max-body-bytes")?,
             max_inputs: options.number("max-inputs")?,
+            max_documents: options.number("max-documents")?,
             max_request_tokens: options.number("max-request-tokens")?,
             truncate: !options.switch("no-truncate"),
             request_timeout: options.seconds("request-timeout")?,

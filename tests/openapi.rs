@@ -17,12 +17,27 @@ use serde_json::{json, Value};
 
 const METHODS: [&str; 6] = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"];
 const MODEL: &str = "all-MiniLM-L6-v2";
+const RERANKER: &str = "rerank-tiny";
 /// Small enough that a test can send a larger body cheaply.
 const MAX_BODY_BYTES: usize = 65_536;
 
+/// The embedded model and a reranker (the shared rerank-tiny), so that every documented operation has a
+/// model to answer it.
 fn server() -> &'static Server {
     static SERVER: OnceLock<Server> = OnceLock::new();
-    SERVER.get_or_init(|| Server::start(&["--max-body-bytes", &MAX_BODY_BYTES.to_string()]))
+    SERVER.get_or_init(|| {
+        let reference = common::shared_dir().join("reference");
+        Server::start(&[
+            "--max-body-bytes",
+            &MAX_BODY_BYTES.to_string(),
+            "--model-dir",
+            reference.to_str().unwrap(),
+            "--model",
+            MODEL,
+            "--model",
+            RERANKER,
+        ])
+    })
 }
 
 /// The document as the server serves it, checked against the file it is built from.
@@ -563,6 +578,118 @@ fn request_schema_accepts_what_the_server_takes_and_refuses_what_it_refuses() {
 }
 
 #[test]
+fn rerank_request_schemas_accept_what_the_server_takes_and_refuse_what_it_refuses() {
+    let doc = document();
+    let cases: [(&str, Vec<Value>, Vec<Value>); 2] = [
+        (
+            "/v1/rerank",
+            vec![
+                json!({"query": "", "documents": [""]}),
+                json!({"query": "q", "documents": ["a", {"text": "b"}], "model": RERANKER,
+                       "top_n": 1, "return_documents": true, "truncate": true}),
+                json!({"query": "q", "documents": ["a"], "model": null, "top_n": null,
+                       "return_documents": null, "truncate": null}),
+                json!({"query": "q", "documents": ["a"], "top_n": 2.0, "rank_fields": ["text"]}),
+            ],
+            vec![
+                json!({}),
+                json!({"documents": ["a"]}),
+                json!({"query": ["q"], "documents": ["a"]}),
+                json!({"query": "q"}),
+                json!({"query": "q", "documents": []}),
+                json!({"query": "q", "documents": "a"}),
+                json!({"query": "q", "documents": [1]}),
+                json!({"query": "q", "documents": [{"title": "a"}]}),
+                json!({"query": "q", "documents": ["a"], "top_n": 0}),
+                json!({"query": "q", "documents": ["a"], "top_n": 1.5}),
+                json!({"query": "q", "documents": ["a"], "return_documents": "yes"}),
+                json!({"query": "q", "documents": ["a"], "model": 1}),
+            ],
+        ),
+        (
+            "/rerank",
+            vec![
+                json!({"query": "q", "texts": ["a"]}),
+                json!({"query": "q", "texts": ["a", ""], "raw_scores": true, "return_text": false,
+                       "truncate": false, "truncation_direction": "Right", "model": RERANKER}),
+            ],
+            vec![
+                json!({"query": "q"}),
+                json!({"query": "q", "texts": []}),
+                json!({"query": "q", "texts": [{"text": "a"}]}),
+                json!({"query": "q", "texts": ["a"], "raw_scores": "no"}),
+                json!({"query": "q", "texts": ["a"], "truncation_direction": "Left"}),
+            ],
+        ),
+    ];
+    for (path, taken, refused) in cases {
+        let schema = request_schema(doc, path, "POST");
+        for body in taken {
+            assert!(
+                validate(doc, schema, &body, "$").is_ok(),
+                "{path}: the schema refuses {body}"
+            );
+            let response = server().post(path, &body);
+            assert_eq!(response.status, 200, "{path} {body}: {}", response.text());
+            check_operation_response(doc, path, "POST", &response);
+        }
+        for body in refused {
+            assert!(
+                validate(doc, schema, &body, "$").is_err(),
+                "{path}: the schema takes {body}"
+            );
+            let response = server().post(path, &body);
+            // text-embeddings-inference's statuses on /rerank: 422, or 400 for no texts.
+            let expected: &[u16] = if path == "/rerank" {
+                &[400, 422]
+            } else {
+                &[400]
+            };
+            assert!(
+                expected.contains(&response.status),
+                "{path} {body}: {} {}",
+                response.status,
+                response.text()
+            );
+            check_operation_response(doc, path, "POST", &response);
+        }
+    }
+    // Impossible although the schema takes it: a model of the other kind, each way.
+    for (path, body) in [
+        (
+            "/v1/rerank",
+            json!({"query": "q", "documents": ["a"], "model": MODEL}),
+        ),
+        (
+            "/rerank",
+            json!({"query": "q", "texts": ["a"], "model": MODEL}),
+        ),
+        ("/v1/embeddings", json!({"input": "a", "model": RERANKER})),
+    ] {
+        let response = server().post(path, &body);
+        let expected = if path == "/rerank" { 422 } else { 400 };
+        assert_eq!(
+            response.status,
+            expected,
+            "{path} {body}: {}",
+            response.text()
+        );
+        check_operation_response(doc, path, "POST", &response);
+    }
+    let card = server()
+        .request("GET", &format!("/v1/models/{RERANKER}"), None)
+        .json();
+    let schema = json!({"$ref": "#/components/schemas/ModelCard"});
+    validate(doc, &schema, &card, "$").expect("a reranker's card fits");
+    let mut mixed = card.clone();
+    mixed["task"] = json!("embed");
+    assert!(
+        validate(doc, &schema, &mixed, "$").is_err(),
+        "an embedding card without dims passed"
+    );
+}
+
+#[test]
 fn every_error_the_server_can_be_made_to_give_fits_the_document() {
     let doc = document();
     let s = server();
@@ -580,10 +707,33 @@ fn every_error_the_server_can_be_made_to_give_fits_the_document() {
         check_operation_response(doc, "/v1/embeddings", "POST", &response);
     }
     // 404: unknown model, by body and by path.
-    let response = s.post("/v1/embeddings", &json!({"input": "a", "model": "gpt-4"}));
-    assert_eq!(response.status, 404);
-    assert_eq!(response.json()["error"]["code"], "model_not_found");
-    check_operation_response(doc, "/v1/embeddings", "POST", &response);
+    for (path, body) in [
+        ("/v1/embeddings", json!({"input": "a", "model": "gpt-4"})),
+        (
+            "/v1/rerank",
+            json!({"query": "q", "documents": ["a"], "model": "gpt-4"}),
+        ),
+        (
+            "/v2/rerank",
+            json!({"query": "q", "documents": ["a"], "model": "gpt-4"}),
+        ),
+        (
+            "/rerank",
+            json!({"query": "q", "texts": ["a"], "model": "gpt-4"}),
+        ),
+    ] {
+        let response = s.post(path, &body);
+        assert_eq!(response.status, 404, "{path}");
+        // Each in its API's body: OpenAI's names the code, Cohere's and text-embeddings-inference's the model.
+        let body = response.json();
+        let message = body["error"]["message"]
+            .as_str()
+            .or(body["message"].as_str())
+            .or(body["error"].as_str())
+            .unwrap_or_else(|| panic!("{path}: {body}"));
+        assert!(message.contains("gpt-4"), "{path}: {body}");
+        check_operation_response(doc, path, "POST", &response);
+    }
     let response = s.request("GET", "/v1/models/gpt-4", None);
     assert_eq!(response.status, 404);
     check_operation_response(doc, "/v1/models/{id}", "GET", &response);
@@ -614,7 +764,12 @@ fn every_error_the_server_can_be_made_to_give_fits_the_document() {
         check_operation_response(doc, path, method, &response);
     }
     // 415.
-    for (method, path) in [("POST", "/v1/embeddings"), ("GET", "/v1/encode")] {
+    for (method, path) in [
+        ("POST", "/v1/embeddings"),
+        ("GET", "/v1/encode"),
+        ("POST", "/v1/rerank"),
+        ("POST", "/rerank"),
+    ] {
         let response = s.raw_request(
             method,
             path,

@@ -152,15 +152,24 @@ fn the_default_and_right_keep_the_start_as_before() {
 }
 
 #[test]
-fn token_ids_sent_as_they_are_lose_their_first_ones_on_the_left() {
-    // 300 ids: the left cut keeps the last 256, whatever they are.
-    let ids: Vec<u32> = (0..300).map(|i| 1000 + i).collect();
+fn token_ids_lose_their_first_ones_on_the_left_and_keep_their_framing() {
+    // [CLS], 300 ids, [SEP]: the left cut keeps [CLS], the last 254 ids and [SEP], as for a text.
+    let content: Vec<u32> = (0..300).map(|i| 1000 + i).collect();
+    let framed = |ids: &[u32]| -> Vec<u32> {
+        std::iter::once(101)
+            .chain(ids.iter().copied())
+            .chain(std::iter::once(102))
+            .collect()
+    };
     let left = server().post(
         "/v1/embeddings",
-        &json!({"input": [ids.clone()], "truncation_direction": "left"}),
+        &json!({"input": [framed(&content)], "truncation_direction": "left"}),
     );
     assert_eq!(left.status, 200, "{}", left.text());
-    let kept = server().post("/v1/embeddings", &json!({"input": [ids[44..].to_vec()]}));
+    let kept = server().post(
+        "/v1/embeddings",
+        &json!({"input": [framed(&content[46..])]}),
+    );
     assert_eq!(kept.status, 200);
     let (left, kept) = (left.json(), kept.json());
     assert_eq!(left["usage"]["prompt_tokens"], 256);

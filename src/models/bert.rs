@@ -1,5 +1,6 @@
-//! BERT (all-MiniLM-L6-v2, bge, e5, gte, …): absolute position embeddings, post-norm layers, the GELU
-//! config.json names (erf or tanh form), any size, pooled as the model says.
+//! BERT (all-MiniLM-L6-v2, bge, e5, gte, …): absolute position embeddings, token types, post-norm layers,
+//! the GELU config.json names (erf or tanh form), any size, pooled as the model says; and BERT cross-encoders
+//! (`BertForSequenceClassification`), whose [CLS] state goes through the pooler and the classifier.
 //!
 //! The batch runs unpadded: every dense layer works on the packed `[total tokens, hidden]` matrix of all
 //! sequences, attention runs per sequence, and the sequences are split between the cores by cost so that
@@ -12,7 +13,7 @@ use serde_json::Value;
 use super::catalog::Pooling;
 use super::config::{self, ModelConfig};
 use super::kernels::{self, Activation, Attention, LayerNorm, Linear, Threads};
-use super::{pooling, Encoder, ModelError};
+use super::{check_batch, pooling, Encoder, ModelError, Sequence};
 
 /// The hyper-parameters read from the model's config.json.
 struct Config {
@@ -22,7 +23,7 @@ struct Config {
     intermediate: usize,
     max_positions: usize,
     vocab: usize,
-    /// Rows of the token-type table; every input is one segment, of type 0.
+    /// Rows of the token-type table (segments: a pair's second text is type 1).
     token_types: usize,
     eps: f64,
     activation: Activation,
@@ -118,6 +119,33 @@ fn linear(vb: VarBuilder, inputs: usize, outputs: usize) -> candle_core::Result<
     Ok(Linear::new(&weight, bias, inputs, outputs))
 }
 
+/// `BertForSequenceClassification`'s head: the pooler (dense and tanh over the [CLS] state) and the
+/// classifier (dense, to one logit per label). Dropout does nothing at inference.
+struct Classifier {
+    pooler: Linear,
+    classifier: Linear,
+}
+
+impl Classifier {
+    /// The logits of each [CLS] state of `cls`.
+    fn forward(&self, cls: &[Vec<f32>], threads: Threads) -> Vec<Vec<f32>> {
+        let rows = cls.len();
+        let states: Vec<f32> = cls.concat();
+        let mut pooled = vec![0f32; rows * self.pooler.outputs()];
+        self.pooler.forward(&states, &mut pooled, rows, threads);
+        for x in &mut pooled {
+            *x = kernels::tanh(*x);
+        }
+        let labels = self.classifier.outputs();
+        let mut logits = vec![0f32; rows * labels];
+        self.classifier.forward(&pooled, &mut logits, rows, threads);
+        logits
+            .chunks_exact(labels.max(1))
+            .map(<[f32]>::to_vec)
+            .collect()
+    }
+}
+
 struct Layer {
     /// Query, key and value projections fused into one [3·hidden, hidden] matrix at load.
     qkv: Linear,
@@ -211,26 +239,33 @@ pub struct Bert {
     word_embeddings: Vec<f32>,
     /// [max_positions, hidden]
     position_embeddings: Vec<f32>,
-    /// Every input is one segment, so only the first token type's vector is ever added.
-    token_type_embedding: Vec<f32>,
+    /// [token_types, hidden]
+    token_type_embeddings: Vec<f32>,
     embedding_norm: LayerNorm,
     layers: Vec<Layer>,
     pooling: Pooling,
+    /// A cross-encoder's head: then `encode` gives its logits, not the pooled state.
+    classifier: Option<Classifier>,
     /// Scratches of earlier batches, one per core that ran a share.
     scratch: std::sync::Mutex<Vec<Scratch>>,
 }
 
 impl Bert {
     /// `weights` may hold f32, f16 or bf16 tensors (widened to f32 here), with or without the `bert.` prefix.
+    /// With `labels`, the model is a cross-encoder with that many labels: its `bert.pooler` and `classifier`
+    /// are loaded too, and `encode` gives the logits of the [CLS] state.
     pub fn load(
         config: &ModelConfig,
         weights: &[u8],
         pooling: Pooling,
+        labels: Option<usize>,
     ) -> Result<Bert, ModelError> {
         let c = Config::parse(config)?;
         let vb = VarBuilder::from_slice_safetensors(weights, DType::F32, &Device::Cpu)
             .map_err(|e| ModelError::new(format!("model.safetensors cannot be read: {e}")))?;
-        // Checkpoints saved from BertModel have no prefix; those saved from a task head prefix "bert.".
+        // Checkpoints saved from BertModel have no prefix; those saved from a task head prefix "bert." (and
+        // keep the head, `classifier.*`, at the top).
+        let root = vb.clone();
         let vb = if vb.contains_tensor("embeddings.word_embeddings.weight") {
             vb
         } else {
@@ -248,14 +283,20 @@ impl Bert {
                 position_embeddings: to_vec(
                     embeddings.get((c.max_positions, c.hidden), "position_embeddings.weight")?,
                 )?,
-                token_type_embedding: to_vec(
-                    embeddings
-                        .get((c.token_types, c.hidden), "token_type_embeddings.weight")?
-                        .get(0)?,
+                token_type_embeddings: to_vec(
+                    embeddings.get((c.token_types, c.hidden), "token_type_embeddings.weight")?,
                 )?,
                 embedding_norm: layer_norm(embeddings.pp("LayerNorm"), c.hidden, c.eps)?,
                 layers,
                 pooling,
+                classifier: labels
+                    .map(|labels| {
+                        Ok::<_, candle_core::Error>(Classifier {
+                            pooler: linear(vb.pp("pooler").pp("dense"), c.hidden, c.hidden)?,
+                            classifier: linear(root.pp("classifier"), c.hidden, labels)?,
+                        })
+                    })
+                    .transpose()?,
                 config: c,
                 scratch: std::sync::Mutex::new(Vec::new()),
             })
@@ -273,10 +314,10 @@ impl Bert {
     }
 
     /// Runs `sequences` through the network on the calling thread (its GEMMs using `threads`); returns
-    /// their pooled final states.
-    fn forward(&self, sequences: &[&[u32]], threads: Threads) -> Vec<Vec<f32>> {
+    /// their pooled final states (a cross-encoder: their logits).
+    fn forward(&self, sequences: &[Sequence], threads: Threads) -> Vec<Vec<f32>> {
         let c = &self.config;
-        let lengths: Vec<usize> = sequences.iter().map(|s| s.len()).collect();
+        let lengths: Vec<usize> = sequences.iter().map(|s| s.ids.len()).collect();
         let tokens: usize = lengths.iter().sum();
         let longest = lengths.iter().copied().max().unwrap_or(0);
         let mut scratch = self.take_scratch();
@@ -304,7 +345,7 @@ impl Bert {
 
     fn forward_in(
         &self,
-        sequences: &[&[u32]],
+        sequences: &[Sequence],
         lengths: &[usize],
         mut buffers: Buffers,
         threads: Threads,
@@ -313,16 +354,13 @@ impl Bert {
         let hidden = c.hidden;
         let mut rows = buffers.states.chunks_exact_mut(hidden);
         for sequence in sequences {
-            for (position, &id) in sequence.iter().enumerate() {
+            for (position, &id) in sequence.ids.iter().enumerate() {
                 let row = rows.next().expect("one row per token");
                 let word = &self.word_embeddings[id as usize * hidden..][..hidden];
                 let place = &self.position_embeddings[position * hidden..][..hidden];
-                for (((x, w), p), t) in row
-                    .iter_mut()
-                    .zip(word)
-                    .zip(place)
-                    .zip(&self.token_type_embedding)
-                {
+                let segment = sequence.token_type(position) as usize;
+                let segment = &self.token_type_embeddings[segment * hidden..][..hidden];
+                for (((x, w), p), t) in row.iter_mut().zip(word).zip(place).zip(segment) {
                     *x = w + p + t;
                 }
             }
@@ -336,7 +374,11 @@ impl Bert {
         for layer in &self.layers {
             self.layer(layer, &attention, lengths, &mut buffers, threads);
         }
-        pooling::pool(buffers.states, hidden, lengths, self.pooling)
+        let pooled = pooling::pool(buffers.states, hidden, lengths, self.pooling);
+        match &self.classifier {
+            Some(classifier) => classifier.forward(&pooled, threads),
+            None => pooled,
+        }
     }
 
     fn layer(
@@ -388,25 +430,11 @@ impl Encoder for Bert {
         self.config.vocab
     }
 
-    fn encode(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, ModelError> {
+    fn encode(&self, batch: &[Sequence]) -> Result<Vec<Vec<f32>>, ModelError> {
         let c = &self.config;
-        for sequence in batch {
-            if sequence.len() > c.max_positions {
-                return Err(ModelError::invalid(format!(
-                    "a sequence of {} tokens is longer than the model's {} positions",
-                    sequence.len(),
-                    c.max_positions
-                )));
-            }
-            if let Some(bad) = sequence.iter().find(|&&id| id as usize >= c.vocab) {
-                return Err(ModelError::invalid(format!(
-                    "token id {bad} is outside the vocabulary (0..{})",
-                    c.vocab
-                )));
-            }
-        }
+        check_batch(batch, c.max_positions, c.vocab, c.token_types)?;
         let cores = candle_core::utils::get_num_threads().max(1);
-        let costs: Vec<f64> = batch.iter().map(|s| self.cost(s.len())).collect();
+        let costs: Vec<f64> = batch.iter().map(|s| self.cost(s.ids.len())).collect();
         let total: f64 = costs.iter().sum();
         let groups = kernels::balance(&costs, cores);
         let heaviest = groups
@@ -418,7 +446,7 @@ impl Encoder for Bert {
         if groups.len() < 2 || heaviest > total * 1.2 / groups.len() as f64 {
             return Ok(self.forward(batch, Threads::Pool(cores)));
         }
-        let shares: Vec<Vec<&[u32]>> = groups
+        let shares: Vec<Vec<Sequence>> = groups
             .iter()
             .map(|g| g.iter().map(|&i| batch[i]).collect())
             .collect();

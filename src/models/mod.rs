@@ -21,7 +21,7 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 
 use catalog::Architecture;
-pub use catalog::{ModelSpec, Pooling, CATALOG};
+pub use catalog::{ModelSpec, Pooling, ScoreActivation, Task, CATALOG};
 use config::ModelConfig;
 use quantize::{Calibrated, Calibration};
 use tokenize::TextTokenizer;
@@ -84,21 +84,96 @@ pub enum Input {
 }
 
 /// An input ready for the encoder.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Tokens {
     /// At most the model's maximum, special tokens included.
     pub ids: Vec<u32>,
+    /// For a pair of texts, each token's segment (0 for `[CLS] query [SEP]`, 1 for `document [SEP]`);
+    /// `None` for a single text, all segment 0.
+    pub token_types: Option<Vec<u32>>,
     /// How many tokens the input had before truncation.
     pub untruncated: usize,
 }
 
-/// An architecture: token ids in, one pooled (not yet normalised) vector per sequence out.
+impl Tokens {
+    /// The input as the encoder takes it.
+    pub fn sequence(&self) -> Sequence<'_> {
+        Sequence {
+            ids: &self.ids,
+            token_types: self.token_types.as_deref(),
+        }
+    }
+}
+
+/// One input of a batch as the encoder sees it: token ids, and for a pair of texts (a cross-encoder's
+/// query and document) the segment of each token; without them every token is segment 0.
+#[derive(Debug, Clone, Copy)]
+pub struct Sequence<'a> {
+    pub ids: &'a [u32],
+    pub token_types: Option<&'a [u32]>,
+}
+
+impl<'a> Sequence<'a> {
+    /// A single text's ids, all in segment 0.
+    pub fn single(ids: &'a [u32]) -> Sequence<'a> {
+        Sequence {
+            ids,
+            token_types: None,
+        }
+    }
+
+    /// The segment of token `i`.
+    pub fn token_type(&self, i: usize) -> u32 {
+        self.token_types.map_or(0, |t| t[i])
+    }
+}
+
+/// Refuses a batch the weights cannot run: an empty sequence, one longer than the positions, an id
+/// outside the vocabulary, token types of another length or outside `0..type_vocab`.
+fn check_batch(
+    batch: &[Sequence],
+    max_positions: usize,
+    vocab: usize,
+    type_vocab: usize,
+) -> Result<(), ModelError> {
+    for sequence in batch {
+        let len = sequence.ids.len();
+        if len == 0 || len > max_positions {
+            return Err(ModelError::invalid(format!(
+                "a sequence of {len} tokens cannot be encoded (1..={max_positions} tokens)"
+            )));
+        }
+        if let Some(bad) = sequence.ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(ModelError::invalid(format!(
+                "token id {bad} is outside the vocabulary (0..{vocab})"
+            )));
+        }
+        if let Some(types) = sequence.token_types {
+            if types.len() != len {
+                return Err(ModelError::invalid(format!(
+                    "{} token types for {len} tokens",
+                    types.len()
+                )));
+            }
+            if let Some(bad) = types.iter().find(|&&t| t as usize >= type_vocab) {
+                return Err(ModelError::invalid(format!(
+                    "token type {bad} is outside the model's {type_vocab} segments"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An architecture: token ids in, one pooled (not yet normalised) vector per sequence out; for a
+/// cross-encoder, its logits.
 pub trait Encoder: Send + Sync {
     /// The longest sequence the weights can position.
     fn max_positions(&self) -> usize;
     fn vocab_size(&self) -> usize;
-    /// Pooled final states, in the order of `batch`. Sequences may differ in length.
-    fn encode(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, ModelError>;
+    /// Pooled final states (a cross-encoder: logits), in the order of `batch`. Sequences may differ in
+    /// length.
+    fn encode(&self, batch: &[Sequence]) -> Result<Vec<Vec<f32>>, ModelError>;
 }
 
 /// Where a model's files come from.
@@ -194,8 +269,27 @@ impl Model {
         let tokenizer = TextTokenizer::from_bytes(&source.read(spec, "tokenizer.json")?)?;
         let weights = source.read(spec, "model.safetensors")?;
         let width = config.width()?;
+        let labels = match spec.task {
+            Task::Embed => None,
+            Task::Rerank => {
+                let labels = config.labels();
+                if labels.len() != 1 {
+                    return Err(ModelError::new(format!(
+                        "{}/config.json: a classifier with {} labels ({}); a reranker gives one relevance score \
+                         per pair, so this server serves one-label cross-encoders only (sentence-transformers' \
+                         CrossEncoder.rank requires num_labels=1 too)",
+                        spec.name,
+                        labels.len(),
+                        labels.join(", ")
+                    )));
+                }
+                Some(1)
+            }
+        };
         let encoder: Box<dyn Encoder> = match spec.architecture {
-            Architecture::Bert => Box::new(bert::Bert::load(&config, &weights, spec.pooling)?),
+            Architecture::Bert => {
+                Box::new(bert::Bert::load(&config, &weights, spec.pooling, labels)?)
+            }
             Architecture::NomicBert => Box::new(nomic_bert::NomicBert::load(
                 &config,
                 &weights,
@@ -254,9 +348,9 @@ impl Model {
     }
 
     /// Tokenises one input, with `prefix` (a task prompt, or "") in front of a text, and cuts it to the
-    /// model's maximum from the end or the start: a text keeps its special tokens either way (the tokens
-    /// sentence-transformers keeps with `truncation_side` right or left); ids sent as they are lose their
-    /// last or first ones.
+    /// model's maximum from the end or the start, keeping its special tokens either way (the tokens
+    /// sentence-transformers keeps with `truncation_side` right or left). Ids must be framed as the model's
+    /// tokenizer frames a text, and are cut the same way.
     pub fn tokenize(
         &self,
         input: &Input,
@@ -280,6 +374,16 @@ impl Model {
             Input::Text(text) if prefix.is_empty() => self.tokenizer.encode(text)?,
             Input::Text(text) => self.tokenizer.encode(&format!("{prefix}{text}"))?,
             Input::Ids(ids) => {
+                // Ids from another tokenizer (LangChain's OpenAIEmbeddings sends tiktoken's by default) are
+                // numbers this model reads as other words: refused, rather than embedded into nonsense.
+                if let Err(framing) = self.tokenizer.check_framing(ids) {
+                    return Err(ModelError::invalid(format!(
+                        "these token ids are not {}'s: ids from its tokenizer {framing}. Send the text \
+                         instead (LangChain's OpenAIEmbeddings sends OpenAI's token ids unless created with \
+                         check_embedding_ctx_length=False)",
+                        self.spec.name
+                    )));
+                }
                 let vocab = self.encoder.vocab_size();
                 if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
                     return Err(ModelError::invalid(format!(
@@ -291,11 +395,42 @@ impl Model {
             }
         };
         let untruncated = ids.len();
-        match input {
-            Input::Text(_) => self.tokenizer.truncate(&mut ids, limit, direction),
-            Input::Ids(_) => tokenize::truncate_ids(&mut ids, limit, direction),
-        }
-        Ok(Tokens { ids, untruncated })
+        // Ids are framed like a text's (checked above), so they are cut like one: the framing stays.
+        self.tokenizer.truncate(&mut ids, limit, direction);
+        Ok(Tokens {
+            ids,
+            token_types: None,
+            untruncated,
+        })
+    }
+
+    /// A reranker's inputs: `query` (after the model's default prompt, which sentence-transformers puts in
+    /// front of a pair's first text) with each document, as `[CLS] query [SEP] document [SEP]` with token
+    /// types, cut `longest_first` to the model's maximum.
+    pub fn tokenize_pairs(
+        &self,
+        query: &str,
+        documents: &[&str],
+    ) -> Result<Vec<Tokens>, ModelError> {
+        let prompt = self.spec.default_prompt();
+        let query = if prompt.is_empty() {
+            self.tokenizer.encode_plain(query)?
+        } else {
+            self.tokenizer.encode_plain(&format!("{prompt}{query}"))?
+        };
+        documents
+            .iter()
+            .map(|document| {
+                let pair = self
+                    .tokenizer
+                    .encode_pair(&query, document, self.max_tokens)?;
+                Ok(Tokens {
+                    ids: pair.ids,
+                    token_types: Some(pair.token_types),
+                    untruncated: pair.untruncated,
+                })
+            })
+            .collect()
     }
 
     /// Every token of `prefix` + `text`, untruncated, with byte offsets into that string; the special tokens
@@ -363,8 +498,15 @@ impl Model {
         Ok(calibrated)
     }
 
-    /// Pooled vectors of full width for a batch of tokenised inputs; `finish` turns each into an embedding.
+    /// Pooled vectors of full width for a batch of tokenised single texts; `finish` turns each into an
+    /// embedding.
     pub fn encode(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let sequences: Vec<Sequence> = batch.iter().map(|ids| Sequence::single(ids)).collect();
+        self.encode_sequences(&sequences)
+    }
+
+    /// [`Model::encode`] for inputs that may carry token types (pairs of texts); a reranker's logits.
+    pub fn encode_sequences(&self, batch: &[Sequence]) -> Result<Vec<Vec<f32>>, ModelError> {
         let pooled = self.encoder.encode(batch)?;
         if pooled.iter().flatten().any(|x| !x.is_finite()) {
             return Err(ModelError::internal(
@@ -379,6 +521,30 @@ impl Model {
         pooling::finish(&self.spec, pooled, dims)
     }
 
+    /// A reranker's score from its logits (one label): the model's activation of the logit.
+    pub fn score(&self, logits: &[f32]) -> f32 {
+        pooling::score(self.spec.activation, logits)
+    }
+
+    /// Tokenise, encode and score `query` against each document in one call: `(score, logit)` per
+    /// document, in order, what sentence-transformers' `CrossEncoder.predict` gives (with and without its
+    /// activation).
+    pub fn rerank(&self, query: &str, documents: &[&str]) -> Result<Vec<(f32, f32)>, ModelError> {
+        if self.spec.task != Task::Rerank {
+            return Err(ModelError::invalid(format!(
+                "{} is an embedding model, not a reranker: it gives vectors, not scores of pairs",
+                self.spec.name
+            )));
+        }
+        let tokens = self.tokenize_pairs(query, documents)?;
+        let batch: Vec<Sequence> = tokens.iter().map(Tokens::sequence).collect();
+        let logits = self.encode_sequences(&batch)?;
+        Ok(logits
+            .iter()
+            .map(|l| (self.score(l), l.first().copied().unwrap_or(0.0)))
+            .collect())
+    }
+
     /// [`Model::finish`] without the final L2 normalisation (for a model that has one): the v1.5 layer
     /// norm and the cut to `dims` still apply.
     pub fn finish_unnormalized(&self, pooled: Vec<f32>, dims: usize) -> Vec<f32> {
@@ -388,6 +554,13 @@ impl Model {
     /// Tokenise (with the model's default prompt, if it has one), encode and finish in one call, at full
     /// width: what sentence-transformers' `encode` gives.
     pub fn embed(&self, inputs: &[Input]) -> Result<Vec<Vec<f32>>, ModelError> {
+        if self.spec.task == Task::Rerank {
+            return Err(ModelError::invalid(format!(
+                "{} is a reranker (a cross-encoder): it scores (query, document) pairs (`/v1/rerank`) and \
+                 gives no embeddings",
+                self.spec.name
+            )));
+        }
         let tokens = inputs
             .iter()
             .map(|input| {

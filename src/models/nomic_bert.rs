@@ -12,7 +12,7 @@ use serde_json::Value;
 use super::catalog::Pooling;
 use super::config::ModelConfig;
 use super::pooling;
-use super::{Encoder, ModelError};
+use super::{check_batch, Encoder, ModelError, Sequence};
 
 /// Most elements of one block of attention scores (heads × queries × keys): 2 Mi f32 is 8 MiB, so the
 /// few temporaries of a block stay around 25 MiB however long the sequence, and the allocator reuses them
@@ -361,17 +361,10 @@ impl Encoder for NomicBert {
         self.config.vocab
     }
 
-    fn encode(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, ModelError> {
-        if let Some(bad) = batch
-            .iter()
-            .find(|s| s.is_empty() || s.len() > self.config.max_positions)
-        {
-            return Err(ModelError::invalid(format!(
-                "a sequence of {} tokens cannot be encoded (1..={} tokens)",
-                bad.len(),
-                self.config.max_positions
-            )));
-        }
+    fn encode(&self, batch: &[Sequence]) -> Result<Vec<Vec<f32>>, ModelError> {
+        // Only row 0 of the token-type table is loaded: one segment per input.
+        check_batch(batch, self.config.max_positions, self.config.vocab, 1)?;
+        let batch: Vec<&[u32]> = batch.iter().map(|s| s.ids).collect();
         let mut pooled = Vec::with_capacity(batch.len());
         let mut start = 0;
         while start < batch.len() {

@@ -1,9 +1,12 @@
 //! Tokenisation as sentence-transformers does it: the model's tokenizer.json with its own truncation and
 //! padding switched off (all-MiniLM-L6-v2's says 128 and pads; sentence-transformers ignores both), and
 //! truncation at the model's maximum done here, keeping the special tokens around the text, from either end.
-//! Also what the tokenizer endpoints need: each token with its byte offsets, and decoding ids back to text.
+//! Pairs (a cross-encoder's query and document) are cut `longest_first`, by the tokenizers library's own
+//! rule, as the Python tokenizer cuts them when `CrossEncoder` asks for `truncation=True`. Also what the
+//! tokenizer endpoints need: each token with its byte offsets, and decoding ids back to text.
 
-use tokenizers::Tokenizer;
+use tokenizers::utils::truncation;
+use tokenizers::{Encoding, PostProcessor, Tokenizer};
 
 use super::ModelError;
 
@@ -29,11 +32,21 @@ pub struct TokenSpan {
     pub offsets: (usize, usize),
 }
 
+/// A pair of texts ready for a cross-encoder.
+pub struct Pair {
+    /// `[CLS] query [SEP] document [SEP]`, at most the maximum asked for.
+    pub ids: Vec<u32>,
+    /// 0 for `[CLS] query [SEP]`, 1 for `document [SEP]`, as the tokenizer's template says.
+    pub token_types: Vec<u32>,
+    /// How many tokens the pair had before truncation.
+    pub untruncated: usize,
+}
+
 pub struct TextTokenizer {
     inner: Tokenizer,
-    /// How many special tokens the post-processor puts before and after the text ([CLS] … [SEP]: 1 and 1).
-    prefix: usize,
-    suffix: usize,
+    /// The special tokens the post-processor puts before and after a text ([CLS] … [SEP]).
+    opening: Vec<u32>,
+    closing: Vec<u32>,
 }
 
 impl TextTokenizer {
@@ -52,10 +65,11 @@ impl TextTokenizer {
             .position(|w| w == plain.get_ids())
             .unwrap_or(0);
         let suffix = special.len().saturating_sub(prefix + plain.len());
+        let ids = special.get_ids();
         Ok(TextTokenizer {
+            opening: ids[..prefix].to_vec(),
+            closing: ids[ids.len() - suffix..].to_vec(),
             inner,
-            prefix,
-            suffix,
         })
     }
 
@@ -79,7 +93,8 @@ impl TextTokenizer {
         if ids.len() <= max {
             return;
         }
-        if max < self.prefix + self.suffix {
+        let (prefix, suffix) = (self.opening.len(), self.closing.len());
+        if max < prefix + suffix {
             // No room for the text at all; a model this short does not exist, but cut the same way as ids.
             truncate_ids(ids, max, direction);
             return;
@@ -87,12 +102,77 @@ impl TextTokenizer {
         let excess = ids.len() - max;
         let cut = match direction {
             TruncationDirection::Right => {
-                let end = ids.len() - self.suffix;
+                let end = ids.len() - suffix;
                 end - excess..end
             }
-            TruncationDirection::Left => self.prefix..self.prefix + excess,
+            TruncationDirection::Left => prefix..prefix + excess,
         };
         ids.drain(cut);
+    }
+
+    /// Whether `ids` begin and end with the special tokens this tokenizer puts around a text, as ids that
+    /// came from it do; `Err` says which are expected, by name and id.
+    pub fn check_framing(&self, ids: &[u32]) -> Result<(), String> {
+        let framed = ids.len() >= self.opening.len() + self.closing.len()
+            && ids.starts_with(&self.opening)
+            && ids.ends_with(&self.closing);
+        if framed {
+            return Ok(());
+        }
+        let named = |ids: &[u32]| -> String {
+            ids.iter()
+                .map(|&id| match self.inner.id_to_token(id) {
+                    Some(token) => format!("{token} ({id})"),
+                    None => id.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        Err(format!(
+            "begin with {} and end with {}",
+            named(&self.opening),
+            named(&self.closing)
+        ))
+    }
+
+    /// The tokens of `text` without special tokens, untruncated: one side of a pair.
+    pub fn encode_plain(&self, text: &str) -> Result<Encoding, ModelError> {
+        self.inner.encode(text, false).map_err(ModelError::internal)
+    }
+
+    /// `query` (from [`TextTokenizer::encode_plain`]) and `document` as one input of at most `max` tokens,
+    /// with the template's special tokens and token types; when too long, the longer side is cut first
+    /// (`longest_first`, from the right).
+    pub fn encode_pair(
+        &self,
+        query: &Encoding,
+        document: &str,
+        max: usize,
+    ) -> Result<Pair, ModelError> {
+        let document = self.encode_plain(document)?;
+        let special = self
+            .inner
+            .get_post_processor()
+            .map_or(0, |p| p.added_tokens(true));
+        let untruncated = query.len() + document.len() + special;
+        let params = truncation::TruncationParams {
+            max_length: max.saturating_sub(special),
+            strategy: truncation::TruncationStrategy::LongestFirst,
+            stride: 0,
+            direction: truncation::TruncationDirection::Right,
+        };
+        let (query, document) =
+            truncation::truncate_encodings(query.clone(), Some(document), &params)
+                .map_err(ModelError::internal)?;
+        let pair = self
+            .inner
+            .post_process(query, document, true)
+            .map_err(ModelError::internal)?;
+        Ok(Pair {
+            ids: pair.get_ids().to_vec(),
+            token_types: pair.get_type_ids().to_vec(),
+            untruncated,
+        })
     }
 
     /// Every token of `text` with its byte offsets, untruncated; the special tokens only if asked.
@@ -135,8 +215,8 @@ impl TextTokenizer {
     }
 }
 
-/// Cuts ids that a client sent as they are (no special tokens are known to frame them) to `max`.
-pub fn truncate_ids(ids: &mut Vec<u32>, max: usize, direction: TruncationDirection) {
+/// Cuts `ids` to `max` without regard to special tokens: what is left when `max` cannot even hold them.
+fn truncate_ids(ids: &mut Vec<u32>, max: usize, direction: TruncationDirection) {
     if ids.len() <= max {
         return;
     }
@@ -203,6 +283,38 @@ mod tests {
         let mut left = vec![1, 2, 3, 4];
         truncate_ids(&mut left, 3, TruncationDirection::Left);
         assert_eq!(left, [2, 3, 4]);
+    }
+
+    #[test]
+    fn framing_is_the_special_tokens_around_a_text() {
+        let tokenizer = bert_like();
+        assert!(tokenizer.check_framing(&[1, 3, 4, 2]).is_ok());
+        assert!(tokenizer.check_framing(&[1, 2]).is_ok());
+        for unframed in [&[3, 4][..], &[1, 3], &[3, 2], &[2, 1], &[1]] {
+            let error = tokenizer.check_framing(unframed).unwrap_err();
+            assert_eq!(error, "begin with [CLS] (1) and end with [SEP] (2)");
+        }
+    }
+
+    #[test]
+    fn pairs_are_framed_typed_and_cut_longest_first() {
+        let tokenizer = bert_like();
+        let pair = |query: &str, document: &str, max| {
+            let query = tokenizer.encode_plain(query).unwrap();
+            let pair = tokenizer.encode_pair(&query, document, max).unwrap();
+            (pair.ids, pair.token_types, pair.untruncated)
+        };
+        assert_eq!(
+            pair("a b", "c", 16),
+            (vec![1, 3, 4, 2, 5, 2], vec![0, 0, 0, 0, 1, 1], 6)
+        );
+        // Only the longer text loses tokens while the shorter fits in half...
+        assert_eq!(pair("a", "b c d e", 6).0, [1, 3, 2, 4, 5, 2]);
+        assert_eq!(pair("b c d e", "a", 6).0, [1, 4, 5, 2, 3, 2]);
+        // ...then both are cut to half the room, the second text taking the odd token.
+        assert_eq!(pair("a b c", "c d e", 8).0, [1, 3, 4, 2, 5, 6, 7, 2]);
+        assert_eq!(pair("a b c", "c d e", 7).0, [1, 3, 4, 2, 5, 6, 2]);
+        assert_eq!(pair("", "", 3), (vec![1, 2, 2], vec![0, 0, 1], 3));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use serde_json::{json, Map, Value};
 
 use super::errors::{excerpt, ApiError};
 use crate::models::quantize::{Calibrated, Compact, Precision};
-use crate::models::{Input, Model, ModelSpec, Source, TruncationDirection};
+use crate::models::{Input, Model, ModelSpec, Source, Task, TruncationDirection};
 
 /// Which of the two embedding APIs a request came through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -402,7 +402,7 @@ pub fn models_list(names: &[&str]) -> String {
     json!({"object": "list", "data": names}).to_string()
 }
 
-/// `GET /v1/models/{id}`: the model and what was read about it (pooling, normalisation, length, prompts,
+/// `GET /v1/models/{id}`: the model, its task (`embed` or `rerank`) and what was read about it (pooling, normalisation, length, prompts,
 /// where its files are).
 pub fn model_card(model: &Model, created: u64) -> String {
     let spec = &model.spec;
@@ -426,27 +426,36 @@ pub fn model_card(model: &Model, created: u64) -> String {
             Value::from(model.source.model_dir(spec).display().to_string()),
         ),
     };
-    json!({
+    let mut card = json!({
         "id": spec.name,
         "object": "model",
         "created": created,
         "owned_by": owner,
-        "dims": model.dims(),
-        "dimensions": model.allowed_dims(),
-        "matryoshka": !spec.matryoshka_dims.is_empty(),
+        "task": spec.task.name(),
         "max_tokens": model.max_tokens(),
         "tasks": tasks,
         "prompts": prompts,
         "default_prompt_name": spec.default_prompt_name,
-        "pooling": spec.pooling.name(),
         "architecture": format!("{:?}", spec.architecture),
         "revision": revision,
-        "normalized": spec.normalize,
         "source": source,
         "directory": directory,
-        "encoding_formats": encoding_formats(),
-    })
-    .to_string()
+    });
+    match spec.task {
+        Task::Embed => {
+            card["dims"] = json!(model.dims());
+            card["dimensions"] = json!(model.allowed_dims());
+            card["matryoshka"] = json!(!spec.matryoshka_dims.is_empty());
+            card["pooling"] = json!(spec.pooling.name());
+            card["normalized"] = json!(spec.normalize);
+            card["encoding_formats"] = json!(encoding_formats());
+        }
+        Task::Rerank => {
+            // A reranker's default prompt goes in front of the query; there is no `task` to choose one by.
+            card["activation"] = json!(spec.activation.torch_class());
+        }
+    }
+    card.to_string()
 }
 
 fn encoding_formats() -> Vec<&'static str> {

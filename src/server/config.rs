@@ -31,6 +31,9 @@ pub struct ServeConfig {
 pub struct Limits {
     pub max_body_bytes: u64,
     pub max_inputs: usize,
+    /// The most documents one rerank request may rank.
+    pub max_documents: usize,
+    /// Summed after truncation over a request's inputs, or over a rerank request's pairs.
     pub max_request_tokens: usize,
     /// Whether over-long inputs are cut (the original's behaviour) rather than refused.
     pub truncate: bool,

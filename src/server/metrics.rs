@@ -34,6 +34,26 @@ const FAMILIES: &[(&str, &str, &str)] = &[
         "Inputs cut to the model's maximum, by model.",
     ),
     (
+        "embedding_rerank_requests_total",
+        "counter",
+        "Rerank requests answered with 200, by model and API.",
+    ),
+    (
+        "embedding_rerank_pairs_total",
+        "counter",
+        "Query-document pairs scored, by model.",
+    ),
+    (
+        "embedding_rerank_tokens_total",
+        "counter",
+        "Tokens of the pairs scored, after truncation, by model.",
+    ),
+    (
+        "embedding_rerank_truncated_pairs_total",
+        "counter",
+        "Pairs cut to the model's maximum, by model.",
+    ),
+    (
         "embedding_tokenizer_requests_total",
         "counter",
         "Requests to /tokenize and /decode answered with 200, by model and endpoint.",
@@ -188,6 +208,30 @@ impl Metrics {
         self.add("embedding_inputs_total", &model, inputs as f64);
         self.add("embedding_tokens_total", &model, tokens as f64);
         self.add("embedding_truncated_inputs_total", &model, truncated as f64);
+    }
+
+    /// A successful rerank request.
+    pub fn record_rerank(
+        &self,
+        model: &str,
+        api: &str,
+        pairs: usize,
+        tokens: usize,
+        truncated: usize,
+    ) {
+        self.add(
+            "embedding_rerank_requests_total",
+            &labels(&[("model", model), ("api", api)]),
+            1.0,
+        );
+        let model = labels(&[("model", model)]);
+        self.add("embedding_rerank_pairs_total", &model, pairs as f64);
+        self.add("embedding_rerank_tokens_total", &model, tokens as f64);
+        self.add(
+            "embedding_rerank_truncated_pairs_total",
+            &model,
+            truncated as f64,
+        );
     }
 
     /// A successful `/tokenize` or `/decode` request.

@@ -17,6 +17,7 @@ pub mod notify;
 mod pipeline;
 mod probe;
 mod queue;
+mod rerank;
 mod routes;
 mod tokens;
 mod ui;
@@ -27,7 +28,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tiny_http::{Header, Response};
 
-use crate::models::Model;
+use crate::models::{Model, Task};
 use auth::Auth;
 pub use config::{AuthConfig, DoorConfig, Limits, ProbeConfig, ServeConfig};
 pub use dialects::ErrorShape;
@@ -43,6 +44,8 @@ pub use routes::{Route, ROUTES};
 /// What every worker shares.
 pub struct App {
     queues: Vec<BatchQueue>,
+    /// The model a request that names none gets: the first embedding model (the first model, should all
+    /// be rerankers).
     default_model: String,
     limits: Limits,
     metrics: Arc<Metrics>,
@@ -80,6 +83,69 @@ impl App {
             .iter()
             .find(|q| q.model().spec.name == name)
             .ok_or_else(|| ApiError::model_not_found(name, &self.model_names()))
+    }
+
+    /// The queue of the model a request for `task` names, or of the first model loaded for `task` when it
+    /// names none; a model of the other task is a 400 that says which endpoint fits it.
+    fn queue_for(&self, name: Option<&str>, task: Task) -> Result<&BatchQueue, ApiError> {
+        let of_task = |t: Task| -> Vec<&str> {
+            self.queues
+                .iter()
+                .filter(|q| q.model().spec.task == t)
+                .map(|q| q.model().spec.name.as_str())
+                .collect()
+        };
+        let (endpoint, other_endpoint, kind, other_kind) = match task {
+            Task::Embed => (
+                "/v1/embeddings",
+                "/v1/rerank",
+                "embedding model",
+                "reranker",
+            ),
+            Task::Rerank => (
+                "/v1/rerank",
+                "/v1/embeddings",
+                "reranker",
+                "embedding model",
+            ),
+        };
+        let listed = |names: Vec<&str>| {
+            if names.is_empty() {
+                "none is loaded".to_string()
+            } else {
+                names.join(", ")
+            }
+        };
+        let queue = match name {
+            Some(name) => self.queue(name)?,
+            None => self
+                .queues
+                .iter()
+                .find(|q| q.model().spec.task == task)
+                .ok_or_else(|| {
+                    ApiError::invalid_param(
+                        "model",
+                        format!(
+                            "This server has no {kind} to answer {endpoint}; its models ({}) are each a \
+                             {other_kind}: use {other_endpoint}.",
+                            self.model_names().join(", ")
+                        ),
+                    )
+                })?,
+        };
+        let spec = &queue.model().spec;
+        if spec.task != task {
+            return Err(ApiError::invalid_param(
+                "model",
+                format!(
+                    "{} is a {other_kind}: send its requests to {other_endpoint}. {endpoint} takes a {kind}: \
+                     {}.",
+                    spec.name,
+                    listed(of_task(task))
+                ),
+            ));
+        }
+        Ok(queue)
     }
 }
 
@@ -127,7 +193,9 @@ pub fn serve(config: ServeConfig, models: Vec<Model>) -> Result<(), String> {
 
     let metrics = Arc::new(Metrics::new());
     let default_model = models
-        .first()
+        .iter()
+        .find(|m| m.spec.task == Task::Embed)
+        .or(models.first())
         .map(|m| m.spec.name.to_string())
         .ok_or("no model to serve")?;
     let queues = models

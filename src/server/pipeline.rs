@@ -10,7 +10,7 @@ use super::errors::ApiError;
 use super::queue::QueueError;
 use super::App;
 use crate::models::quantize::{Compact, Precision};
-use crate::models::{ErrorKind, Input, Tokens, TruncationDirection};
+use crate::models::{ErrorKind, Input, Task, Tokens, TruncationDirection};
 
 /// What a dialect asks of the pipeline.
 pub struct EmbedJob {
@@ -75,6 +75,26 @@ pub struct Embedded {
     pub tokens: usize,
 }
 
+/// The answer to a request whose inputs the queue did not turn into vectors (or a reranker's scores);
+/// `param` is the body's field that holds them.
+pub fn queue_error(error: QueueError, model: &str, param: &str) -> ApiError {
+    match error {
+        QueueError::Full => {
+            ApiError::overloaded(429, "The server's queue is full; retry shortly.", 1)
+        }
+        QueueError::TimedOut => {
+            ApiError::overloaded(503, "The request waited too long for the engine; retry.", 1)
+        }
+        QueueError::Engine(e) if e.kind == ErrorKind::InvalidInput => {
+            ApiError::invalid_param(param, e.message)
+        }
+        QueueError::Engine(e) => {
+            eprintln!("error: the engine failed for {model}: {e}");
+            ApiError::internal()
+        }
+    }
+}
+
 /// Runs one job. (The router times the whole request, parsing included, for the processing metric.)
 pub fn embed(app: &App, job: EmbedJob) -> Result<Embedded, ApiError> {
     let EmbedJob {
@@ -90,7 +110,7 @@ pub fn embed(app: &App, job: EmbedJob) -> Result<Embedded, ApiError> {
         api,
         fields,
     } = job;
-    let queue = app.queue(model.as_deref().unwrap_or(&app.default_model))?;
+    let queue = app.queue_for(model.as_deref(), Task::Embed)?;
     let model = queue.model();
     let spec = &model.spec;
     let limits = &app.limits;
@@ -179,25 +199,9 @@ pub fn embed(app: &App, job: EmbedJob) -> Result<Embedded, ApiError> {
         .iter()
         .filter(|t| t.untruncated > t.ids.len())
         .count();
-    let ids: Vec<Vec<u32>> = tokenized.into_iter().map(|t| t.ids).collect();
-
     let pooled = queue
-        .embed(ids, limits.request_timeout)
-        .map_err(|e| match e {
-            QueueError::Full => {
-                ApiError::overloaded(429, "The server's queue is full; retry shortly.", 1)
-            }
-            QueueError::TimedOut => {
-                ApiError::overloaded(503, "The request waited too long for the engine; retry.", 1)
-            }
-            QueueError::Engine(e) if e.kind == ErrorKind::InvalidInput => {
-                ApiError::invalid_param(fields.input, e.message)
-            }
-            QueueError::Engine(e) => {
-                eprintln!("error: the engine failed for {}: {e}", spec.name);
-                ApiError::internal()
-            }
-        })?;
+        .embed(tokenized, limits.request_timeout)
+        .map_err(|e| queue_error(e, &spec.name, fields.input))?;
     let count = pooled.len();
     let vectors: Vec<Vec<f32>> = pooled
         .into_iter()

@@ -9,7 +9,9 @@ use super::api::{self, Api, EmbedRequest, EncodingFormat, Vectors};
 use super::dialects::{cohere, ollama, tei, ErrorShape};
 use super::errors::{excerpt, ApiError};
 use super::pipeline::{self, EmbedJob, Embedded, Fields, Prompt};
+use super::rerank::{self, Shape};
 use super::{compact, tokens, App};
+use crate::models::Task;
 
 /// The API's OpenAPI 3.1 document, written by hand and kept true by tests/openapi.rs.
 const OPENAPI: &str = include_str!("../../assets/openapi.json");
@@ -241,6 +243,11 @@ pub const ROUTES: &[Route] = &[
         .embedding()
         .speaking(ErrorShape::Tei),
     route("/info", &["GET"], tei::info).speaking(ErrorShape::Tei),
+    // Rerankers: the Cohere / Jina shape, also at Cohere's version 2 path (what LangChain's CohereRerank
+    // calls, answering errors as Cohere does there), and text-embeddings-inference's.
+    route("/v1/rerank", &["POST"], rerank_cohere),
+    route("/v2/rerank", &["POST"], rerank_cohere).speaking(ErrorShape::Cohere),
+    route("/rerank", &["POST"], rerank_tei).speaking(ErrorShape::Tei),
 ];
 
 impl Route {
@@ -351,7 +358,8 @@ fn model_card(app: &App, _: &Incoming, params: &[&str]) -> Result<Outgoing, ApiE
 }
 
 fn quantization(app: &App, _: &Incoming, params: &[&str]) -> Result<Outgoing, ApiError> {
-    let model = app.queue(params[0])?.model();
+    // A reranker gives scores, not vectors: nothing to quantize.
+    let model = app.queue_for(Some(params[0]), Task::Embed)?.model();
     let calibrated = compact::ranges(model)?;
     Ok(Outgoing::json(api::quantization_card(model, &calibrated)))
 }
@@ -362,6 +370,14 @@ fn encode(app: &App, request: &Incoming, _: &[&str]) -> Result<Outgoing, ApiErro
 
 fn embeddings(app: &App, request: &Incoming, _: &[&str]) -> Result<Outgoing, ApiError> {
     embed(app, Api::OpenAi, request)
+}
+
+fn rerank_cohere(app: &App, request: &Incoming, _: &[&str]) -> Result<Outgoing, ApiError> {
+    rerank::handle(app, Shape::Cohere, request)
+}
+
+fn rerank_tei(app: &App, request: &Incoming, _: &[&str]) -> Result<Outgoing, ApiError> {
+    rerank::handle(app, Shape::Tei, request)
 }
 
 fn embed(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiError> {

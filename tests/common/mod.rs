@@ -371,3 +371,56 @@ pub fn python_with(venv: &str, modules: &[&str], packages: &[&str]) -> Result<Pa
     )?;
     Ok(python)
 }
+
+/// A scratch copy of a model directory, with some files changed: `root()/m` is the model, so that
+/// `--model-dir root()` with `--model m` serves it. Removed on drop.
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    pub fn new(from: &std::path::Path, edit: impl FnOnce(&std::path::Path)) -> Scratch {
+        let root = std::env::temp_dir().join(format!(
+            "embedding-server-scratch-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let model = root.join("m");
+        copy_dir(from, &model);
+        edit(&model);
+        Scratch(root)
+    }
+
+    /// The directory to give as `--model-dir`; the model is its `m`.
+    pub fn root(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// Rewrites the JSON file at `path` through `edit`.
+pub fn edit_json(path: &std::path::Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut value: serde_json::Value = serde_json::from_str(&text).unwrap();
+    edit(&mut value);
+    std::fs::write(path, value.to_string()).unwrap();
+}
