@@ -32,7 +32,7 @@ use candle_transformers::models::bert::{BertModel, Config as BertConfig};
 use candle_transformers::models::nomic_bert;
 use embedding_server::models::kernels::gemm::{self, Epilogue, Packed};
 use embedding_server::models::kernels::{pool, Precision};
-use embedding_server::models::{catalog, Input, Model, ModelSpec, Source};
+use embedding_server::models::{catalog, Input, Model, ModelSpec, Source, TruncationDirection};
 
 const MODEL: &str = "all-MiniLM-L6-v2";
 const BATCH: usize = 32;
@@ -172,7 +172,11 @@ fn main() {
         .iter()
         .map(|line| {
             f32_model
-                .tokenize(&Input::Text(line.to_string()), "")
+                .tokenize(
+                    &Input::Text(line.to_string()),
+                    "",
+                    TruncationDirection::Right,
+                )
                 .expect("corpus lines tokenise")
                 .ids
         })

@@ -1,22 +1,32 @@
 #!/usr/bin/env python3
-"""Resilience check: latency under attack, memory over a mixed soak, and requests lost on SIGTERM.
+"""Resilience check: what idle connections cost, latency under attack, single-input latency against a
+baseline binary, memory over a mixed soak, and requests lost on SIGTERM.
 
 Starts the release binary on a free loopback port and prints what held:
-  1. p50/p99 of small good requests, alone and then with 1,000 idle connections, a slowloris client
-     (one header byte a second) and a body trickler open at the same time;
-  2. RSS before and after a mixed soak (valid, invalid, huge, tiny requests) after warm-up;
-  3. a closed-loop load interrupted by SIGTERM: requests answered, refused (new connections after the
+  1. threads and RSS with 5,000 idle connections open, and RSS growth per connection;
+  2. p50/p99 of small good requests, quiet, then with the idle connections, a slowloris client (one
+     header byte a second) and a body trickler open, then quiet again; the ratio of the p99 under attack
+     to the quiet ones' mean (the target is at most 1.3);
+  3. single-input latency at concurrency 1: HTTP p50/p99 measured by the client, and in-process p50 (the
+     worker's own time, from the server's log line), for this binary and, with --baseline-binary, for
+     another one (e.g. built from an earlier commit), both running at once and asked in alternation;
+  4. RSS before and after a mixed soak (valid, invalid, huge, tiny requests) after warm-up;
+  5. a closed-loop load interrupted by SIGTERM: requests answered, refused (new connections after the
      drain began) and lost (sent on an accepted connection, never answered) -- lost must be 0.
 
-Loopback only, every loop bounded in count and time. Standard library only.
+Loopback only, every loop bounded in count and time. Standard library only. Figures taken while other
+processes use the cores are noisy: compare the ratios within one run.
 
-    python3 benches/resilience.py [--binary target/release/embedding-server] [--soak-seconds 600]
+    python3 benches/resilience.py [--binary target/release/embedding-server] [--baseline-binary OLD]
+                                  [--idle-connections 5000] [--soak-seconds 600]
 """
 import argparse
 import http.client
 import json
 import os
 import random
+import re
+import resource
 import signal
 import socket
 import subprocess
@@ -27,9 +37,12 @@ import time
 HOST = "127.0.0.1"
 
 
-def start_server(binary, extra):
+def start_server(binary, extra, log=None):
+    """Starts `binary serve` on a free port; with `log` (a list), its stderr lines are appended to it."""
     proc = subprocess.Popen([binary, "serve", "--port", "0", *extra], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+                            stderr=subprocess.PIPE if log is not None else subprocess.DEVNULL, text=True)
+    if log is not None:
+        threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True).start()
     line = proc.stdout.readline()
     if not line.startswith("listening on http://"):
         proc.kill()
@@ -37,6 +50,41 @@ def start_server(binary, extra):
     port = int(line.strip().rsplit(":", 1)[1])
     threading.Thread(target=lambda: proc.stdout.read(), daemon=True).start()
     return proc, port
+
+
+def threads(pid):
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def open_fds(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def raise_own_fd_limit(wanted):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < wanted:
+        if hard < wanted:
+            sys.exit(f"{wanted} open files are needed; the hard limit is {hard} (ulimit -Hn)")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def open_idle(port, count):
+    sockets = []
+    for _ in range(count):
+        try:
+            sockets.append(socket.create_connection((HOST, port), timeout=10))
+        except OSError as e:
+            print(f"  could open only {len(sockets)} connections: {e}")
+            break
+    return sockets
+
+
+def wait_accepted(pid, before_fds, count, limit=60):
+    """Waits until the server holds `count` more descriptors (its accepted connections)."""
+    deadline = time.time() + limit
+    while time.time() < deadline and open_fds(pid) - before_fds < count:
+        time.sleep(0.2)
+    return open_fds(pid) - before_fds
 
 
 def rss_mib(pid):
@@ -93,14 +141,8 @@ def good_latencies(port, seconds, concurrency=4):
     return latencies, errors[0]
 
 
-def attack(port, idle_connections, stop):
-    """Opens idle connections, a slowloris head and a trickled body, and keeps them going until `stop`."""
-    sockets = []
-    for _ in range(idle_connections):
-        try:
-            sockets.append(socket.create_connection((HOST, port), timeout=5))
-        except OSError:
-            break
+def attack(port, sockets, stop):
+    """Next to the idle `sockets`, a slowloris head and a trickled body, kept going until `stop`."""
 
     def slowloris():
         while not stop.is_set():
@@ -125,10 +167,39 @@ def attack(port, idle_connections, stop):
             except OSError:
                 time.sleep(0.2)
 
-    threads = [threading.Thread(target=f, daemon=True) for f in (slowloris, trickler)]
-    for t in threads:
-        t.start()
-    return sockets, len(sockets)
+    for f in (slowloris, trickler):
+        threading.Thread(target=f, daemon=True).start()
+
+
+IN_PROCESS = re.compile(r"^POST /v1/embeddings 200 inputs=1 tokens=\d+ ([0-9.]+)ms")
+
+
+def single_input_latency(servers, requests):
+    """Single-input requests at concurrency 1, to each server in turn (alternating which goes first), on
+    one kept-alive connection per server. Returns per server: client latencies (ms) and the worker's own
+    times from its log (ms)."""
+    body = json.dumps({"input": "a single sentence of ordinary length for the latency check"})
+    conns = {name: http.client.HTTPConnection(HOST, port, timeout=30) for name, (port, _) in servers.items()}
+    for conn in conns.values():
+        for _ in range(20):  # warm-up
+            post(conn, body)
+    logged = {name: len(log) for name, (_, log) in servers.items()}
+    latencies = {name: [] for name in servers}
+    names = list(servers)
+    for i in range(requests):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            started = time.perf_counter()
+            status = post(conns[name], body)
+            if status == 200:
+                latencies[name].append((time.perf_counter() - started) * 1000)
+    time.sleep(0.5)  # the last log lines
+    result = {}
+    for name, (_, log) in servers.items():
+        inside = [float(m.group(1)) for line in log[logged[name]:] if (m := IN_PROCESS.match(line))]
+        result[name] = (latencies[name], inside)
+    for conn in conns.values():
+        conn.close()
+    return result
 
 
 def soak(port, seconds):
@@ -232,27 +303,49 @@ def sigterm_check(binary):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--binary", default=os.path.join(os.path.dirname(__file__), "..", "target", "release", "embedding-server"))
+    parser.add_argument("--baseline-binary", help="another build to compare single-input latency with")
     parser.add_argument("--phase-seconds", type=float, default=10)
     parser.add_argument("--soak-seconds", type=float, default=60)
-    parser.add_argument("--idle-connections", type=int, default=1000)
+    parser.add_argument("--idle-connections", type=int, default=5000)
+    parser.add_argument("--latency-requests", type=int, default=300)
     args = parser.parse_args()
+    raise_own_fd_limit(args.idle_connections + 500)
 
-    proc, port = start_server(args.binary, ["--idle-timeout", "30", "--header-timeout", "10"])
+    # Idle connections stay open for the whole attack phase.
+    proc, port = start_server(args.binary, ["--idle-timeout", "600", "--header-timeout", "10"])
     try:
         good_latencies(port, 2)  # warm-up
+        time.sleep(3)  # the heap is trimmed once traffic pauses
+        threads_before, rss_before, fds_before = threads(proc.pid), rss_mib(proc.pid), open_fds(proc.pid)
+        sockets = open_idle(port, args.idle_connections)
+        accepted = wait_accepted(proc.pid, fds_before, len(sockets))
+        time.sleep(1)
+        threads_idle, rss_idle = threads(proc.pid), rss_mib(proc.pid)
+        print(f"{len(sockets)} idle connections ({accepted} accepted):")
+        print(f"  threads {threads_before} -> {threads_idle}; RSS {rss_before:.1f} -> {rss_idle:.1f} MiB: "
+              f"{(rss_idle - rss_before) * 1024 * 1024 / max(1, accepted):.0f} bytes per connection")
+        for s in sockets:
+            s.close()
+        time.sleep(1)
+
         quiet, quiet_errors = good_latencies(port, args.phase_seconds)
         stop = threading.Event()
-        sockets, opened = attack(port, args.idle_connections, stop)
+        sockets = open_idle(port, args.idle_connections)
+        attack(port, sockets, stop)
         time.sleep(1)
         attacked, attacked_errors = good_latencies(port, args.phase_seconds)
         stop.set()
         for s in sockets:
             s.close()
+        time.sleep(1)
+        quiet2, quiet2_errors = good_latencies(port, args.phase_seconds)
         print(f"latency, small requests at concurrency 4 ({args.phase_seconds:.0f} s each):")
         print(f"  quiet:        n={len(quiet):5d} errors={quiet_errors} p50={percentile(quiet, 50):6.1f} ms  p99={percentile(quiet, 99):6.1f} ms")
         print(f"  under attack: n={len(attacked):5d} errors={attacked_errors} p50={percentile(attacked, 50):6.1f} ms  p99={percentile(attacked, 99):6.1f} ms"
-              f"  ({opened} idle connections + slowloris + body trickler)")
-        print(f"  p99 ratio (attack/quiet): {percentile(attacked, 99) / percentile(quiet, 99):.2f}")
+              f"  ({len(sockets)} idle connections + slowloris + body trickler)")
+        print(f"  quiet again:  n={len(quiet2):5d} errors={quiet2_errors} p50={percentile(quiet2, 50):6.1f} ms  p99={percentile(quiet2, 99):6.1f} ms")
+        quiet_p99 = (percentile(quiet, 99) + percentile(quiet2, 99)) / 2
+        print(f"  p99 ratio (attack / mean of quiet): {percentile(attacked, 99) / quiet_p99:.2f} (target <= 1.3)")
 
         soak(port, min(20, args.soak_seconds / 5))  # warm-up: the allocator reaches its working set
         time.sleep(3)  # both readings are taken after the same pause, in which the server trims its heap
@@ -265,6 +358,30 @@ def main():
     finally:
         proc.kill()
         proc.wait()
+
+    binaries = {"this build": args.binary}
+    if args.baseline_binary:
+        binaries["baseline"] = args.baseline_binary
+    servers, procs = {}, []
+    try:
+        for name, binary in binaries.items():
+            log = []
+            proc, port = start_server(binary, [], log)
+            procs.append(proc)
+            servers[name] = (port, log)
+        results = single_input_latency(servers, args.latency_requests)
+        print(f"single input at concurrency 1 ({args.latency_requests} requests each, servers asked in alternation):")
+        for name, (http_ms, inside_ms) in results.items():
+            print(f"  {name:10s}  HTTP p50={percentile(http_ms, 50):6.2f} ms p99={percentile(http_ms, 99):6.2f} ms"
+                  f"   in-process p50={percentile(inside_ms, 50):6.2f} ms"
+                  f"   HTTP overhead p50={percentile(http_ms, 50) - percentile(inside_ms, 50):5.2f} ms")
+        if "baseline" in results:
+            ratio = percentile(results["this build"][0], 50) / percentile(results["baseline"][0], 50)
+            print(f"  HTTP p50 ratio (this build / baseline): {ratio:.2f}")
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
 
     result = sigterm_check(args.binary)
     print(f"SIGTERM under load: {result}")

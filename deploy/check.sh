@@ -4,6 +4,8 @@
 #   - the systemd unit passes `systemd-analyze verify`, and `systemd-analyze security` rates it at most 2.0;
 #   - flake.nix and the NixOS module parse (`nix-instantiate --parse`), and Nix reads assets/models.json the
 #     way the flake does (builtins.fromJSON, the default models with 64-hex-digit pins), agreeing with Python;
+#   - the unit's and the module's TasksMax and LimitNOFILE agree with each other and with the binary's
+#     defaults (threads, connections; the arithmetic is in deploy/README.md);
 #   - the Kubernetes manifests are valid YAML with the probes on /health.
 # Usage: deploy/check.sh [BINARY]   (default: target/release/embedding-server; the unit's ExecStart must exist)
 # Needs: systemd (systemd-analyze), nix-bin (nix-instantiate), python3 with PyYAML (python3-yaml).
@@ -21,6 +23,28 @@ security=$(systemd-analyze security --offline=true "$work/embedding-server.servi
 echo "$security"
 score=$(echo "$security" | grep -oE 'level for [^:]+: [0-9.]+' | grep -oE '[0-9.]+$')
 awk -v s="$score" 'BEGIN { exit !(s <= 2.0) }' || { echo "exposure $score is above 2.0" >&2; exit 1; }
+
+echo "== limits agree with the binary's defaults"
+python3 - "$binary" <<'PY'
+import re, subprocess, sys
+help_text = subprocess.run([sys.argv[1], "--help"], capture_output=True, text=True, check=True).stdout
+threads = int(re.search(r"--threads N .*\[default: (\d+)\]", help_text).group(1))
+unit = open("deploy/systemd/embedding-server.service").read()
+module = open("deploy/nix/module.nix").read()
+unit_tasks = int(re.search(r"^TasksMax=(\d+)$", unit, re.M).group(1))
+unit_files = int(re.search(r"^LimitNOFILE=(\d+)$", unit, re.M).group(1))
+module_threads = int(re.search(r"threads = lib.mkOption \{[^}]*default = (\d+);", module, re.S).group(1))
+module_tasks = re.search(r"TasksMax = 2 \* cfg.threads \+ (\d+);", module).group(1)
+module_files = int(re.search(r"LimitNOFILE = (\d+);", module).group(1))
+# Threads (deploy/README.md): 2 x workers + 7 + one per model + up to 2 per core for the engine.
+assert module_threads == threads, f"the module's threads default {module_threads} is not the binary's {threads}"
+assert unit_tasks == 2 * threads + int(module_tasks), f"TasksMax: unit {unit_tasks}, module 2 x {threads} + {module_tasks}"
+assert unit_tasks >= 2 * threads + 7 + 1 + 2 * 100, f"TasksMax={unit_tasks} does not cover one model on 100 cores"
+assert unit_files == module_files, f"LimitNOFILE: unit {unit_files}, module {module_files}"
+connections = unit_files - (64 + 2 * (threads + 1))
+assert connections >= 1024, f"LimitNOFILE={unit_files} leaves only {connections} connections"
+print(f"threads {threads}: TasksMax {unit_tasks}; LimitNOFILE {unit_files}: default --max-connections {connections}")
+PY
 
 echo "== nix"
 nix-instantiate --parse flake.nix > /dev/null

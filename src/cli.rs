@@ -6,7 +6,9 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::server::{AuthConfig, DoorConfig, Limits, ServeConfig};
+use crate::models::kernels::pool;
+use crate::models::{Pooling, Precision};
+use crate::server::{AuthConfig, DoorConfig, Limits, ProbeConfig, ServeConfig};
 
 /// One flag: its name, the environment variable that stands in for it, its default and its help line.
 pub struct Flag {
@@ -69,7 +71,7 @@ const fn switch(name: &'static str, help: &'static str) -> Flag {
 pub const FLAGS: &[Flag] = &[
     flag("host", "ADDR", "127.0.0.1", "address to listen on (0.0.0.0 for every interface)"),
     flag("port", "PORT", "5000", "port to listen on; 0 picks a free one (the address is printed)"),
-    flag("threads", "N", "16", "HTTP worker threads (requests handled at once; they wait on the batching queue)"),
+    flag("threads", "N", "16", "HTTP worker threads (requests handled at once; they wait on the batching queue); one more answers the self-probe"),
     repeated("model", "NAME", "serve this model (repeatable; env: comma-separated): DIR/NAME of --model-dir if there is one, else the embedded NAME; default: every model of --model-dir and every embedded one"),
     flag("model-dir", "DIR", "", "also serve the models in DIR/<model>/: sentence-transformers or transformers directories of BERT-family models, or what export-models writes"),
     flag("pooling", "MODE", "", "how a --model-dir model without modules.json (a plain transformers directory) pools: cls, mean, max or mean_sqrt_len_tokens"),
@@ -77,14 +79,18 @@ pub const FLAGS: &[Flag] = &[
     flag("precision", "P", "f32", "arithmetic of every model's dense layers: f32 (exact), bf16 (AVX512_BF16; ~1.8x the batch speed, cosine to f32 >= 0.9999) or int8 (AVX512_VNNI; ~2.5x, cosine >= 0.998); start fails if the CPU lacks the instructions"),
     flag("max-body-bytes", "BYTES", "2097152", "largest request body; larger gets 413"),
     flag("max-inputs", "N", "2048", "most inputs in one request; more gets 400"),
-    flag("max-request-tokens", "N", "300000", "most tokens in one request, summed after truncation; more gets 400"),
+    flag("max-documents", "N", "1000", "most documents in one rerank request (/v1/rerank, /rerank); more gets 400"),
+    flag("max-request-tokens", "N", "300000", "most tokens in one request, summed after truncation (a rerank request: over its query-document pairs); more gets 400"),
     flag("max-batch-tokens", "N", "16384", "token budget of one batch the engine runs (the sum of its inputs' tokens; nothing is padded)"),
     flag("queue-capacity", "N", "16384", "most inputs waiting for the engine; a request that would exceed it gets 429"),
     flag("request-timeout", "SECONDS", "60", "a request still waiting for the engine after this long gets 503"),
     flag("body-timeout", "SECONDS", "10", "a request body still arriving after this long gets 408 (slow clients)"),
     flag("idle-timeout", "SECONDS", "15", "close a connection that sends nothing for this long (not while it waits for its answer)"),
     flag("header-timeout", "SECONDS", "10", "close a connection whose request head takes longer than this (slowloris)"),
-    flag("max-connections", "N", "auto", "most open client connections; more get 503 and are closed (auto: the open-file limit, raised to its hard limit at start, less what the server itself uses; printed at start)"),
+    flag("max-connections", "N", "auto", "most open client connections; more get 503 and are closed (auto: the open-file limit, raised to its hard limit at start, less 64 + 2 x (threads + 1) for the server itself, at most 65536; printed at start)"),
+    flag("max-buffered-bytes", "BYTES", "67108864", "most request bytes the front door holds for all clients together; past it, it stops reading from clients until requests move on (at least --max-body-bytes + 64 KiB)"),
+    flag("probe-interval", "SECONDS", "5", "the server sends itself GET /health through its own socket this often (at least twice per systemd watchdog interval); WATCHDOG=1 follows each success"),
+    flag("unhealthy-exit", "SECONDS", "30", "exit 1 when no self-probe has succeeded for this long, so that a supervisor restarts the server (0: never)"),
     flag("shutdown-timeout", "SECONDS", "30", "on SIGTERM/SIGINT, finish accepted requests for at most this long, then exit"),
     repeated("api-key", "KEY", "require Authorization: Bearer KEY on every route but /health (repeatable; env: comma-separated)"),
     repeated("api-key-file", "FILE", "read API keys from FILE, one per line (repeatable)"),
@@ -218,6 +224,53 @@ impl Options {
     }
 }
 
+/// Which models to load, from the flags shared by `serve` and `embed`.
+pub struct ModelsConfig {
+    /// `--model`: empty means every model of `dir` and every embedded one.
+    pub names: Vec<String>,
+    /// `--model-dir`.
+    pub dir: Option<PathBuf>,
+    /// `--pooling`: how a plain transformers directory pools.
+    pub pooling: Option<Pooling>,
+    /// `--precision`: the arithmetic of every model's dense layers, checked against this CPU.
+    pub precision: Precision,
+    /// `--engine-threads`: the engine pool's size (`auto` resolved to what the host grants).
+    pub engine_threads: usize,
+}
+
+/// The typed `--model`, `--model-dir`, `--pooling`, `--precision` and `--engine-threads`.
+pub fn models_config(options: &Options) -> Result<ModelsConfig, String> {
+    let name = options.text("precision").unwrap_or("f32");
+    let precision = Precision::parse(name)
+        .map_err(|e| format!("--precision (or EMBEDDING_SERVER_PRECISION): {e}"))?;
+    // Checked here, before any model is read: no silent fallback to another precision.
+    precision
+        .check_cpu()
+        .map_err(|e| format!("--precision {name}: {e}"))?;
+    let engine_threads = match options.text("engine-threads") {
+        None | Some("auto") => pool::default_threads(),
+        Some(_) => options.number::<usize>("engine-threads")?.max(1),
+    };
+    let pooling = options
+        .text("pooling")
+        .map(|mode| {
+            Pooling::from_name(mode).ok_or_else(|| {
+                format!(
+                    "--pooling (or EMBEDDING_SERVER_POOLING) must be one of {}, not {mode:?}",
+                    Pooling::ALL.map(Pooling::name).join(", ")
+                )
+            })
+        })
+        .transpose()?;
+    Ok(ModelsConfig {
+        names: options.list("model").to_vec(),
+        dir: options.text("model-dir").map(PathBuf::from),
+        pooling,
+        precision,
+        engine_threads,
+    })
+}
+
 /// The typed configuration of `serve`, from the flags.
 pub fn serve_config(options: &Options) -> Result<ServeConfig, String> {
     let max_connections = match options.text("max-connections") {
@@ -231,15 +284,17 @@ pub fn serve_config(options: &Options) -> Result<ServeConfig, String> {
         limits: Limits {
             max_body_bytes: options.number("max-body-bytes")?,
             max_inputs: options.number("max-inputs")?,
+            max_documents: options.number("max-documents")?,
             max_request_tokens: options.number("max-request-tokens")?,
             truncate: !options.switch("no-truncate"),
             request_timeout: options.seconds("request-timeout")?,
-            body_timeout: options.seconds("body-timeout")?,
         },
         door: DoorConfig {
             max_connections,
             idle_timeout: options.seconds("idle-timeout")?,
             header_timeout: options.seconds("header-timeout")?,
+            body_timeout: options.seconds("body-timeout")?,
+            max_buffered_bytes: options.number("max-buffered-bytes")?,
         },
         max_batch_tokens: options.number("max-batch-tokens")?,
         queue_capacity: options.number("queue-capacity")?,
@@ -250,6 +305,10 @@ pub fn serve_config(options: &Options) -> Result<ServeConfig, String> {
             protect_metrics: options.switch("metrics-auth"),
         },
         cors_allow_origin: options.text("cors-allow-origin").map(String::from),
+        probe: ProbeConfig {
+            interval: options.seconds("probe-interval")?,
+            unhealthy_exit: options.seconds("unhealthy-exit")?,
+        },
         ui: !options.switch("no-ui"),
     })
 }

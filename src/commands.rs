@@ -3,57 +3,18 @@
 
 use std::io::{BufRead, IsTerminal, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::cli::Options;
+use crate::cli::{self, ModelsConfig, Options};
 use crate::models::kernels::pool;
-use crate::models::{self, catalog, directory, Input, Model, Pooling, Precision, Source, CATALOG};
-
-/// `--pooling`: how a plain transformers directory pools.
-fn pooling(options: &Options) -> Result<Option<Pooling>, String> {
-    options
-        .text("pooling")
-        .map(|mode| {
-            Pooling::from_name(mode).ok_or_else(|| {
-                format!(
-                    "--pooling (or EMBEDDING_SERVER_POOLING) must be one of {}, not {mode:?}",
-                    Pooling::ALL.map(Pooling::name).join(", ")
-                )
-            })
-        })
-        .transpose()
-}
-
-/// `--precision`, checked against this CPU before any model is read.
-fn precision(options: &Options) -> Result<Precision, String> {
-    let name = options.text("precision").unwrap_or("f32");
-    let precision = Precision::parse(name)
-        .map_err(|e| format!("--precision (or EMBEDDING_SERVER_PRECISION): {e}"))?;
-    precision
-        .check_cpu()
-        .map_err(|e| format!("--precision {name}: {e}"))?;
-    Ok(precision)
-}
-
-/// `--engine-threads`: starts the engine's thread pool before any model uses it (the pool itself warns
-/// if the system refuses some of the threads).
-fn engine_threads(options: &Options) -> Result<(), String> {
-    let threads = match options.text("engine-threads") {
-        None | Some("auto") => pool::default_threads(),
-        Some(_) => options.number::<usize>("engine-threads")?.max(1),
-    };
-    pool::start(threads);
-    Ok(())
-}
+use crate::models::{self, catalog, directory, Input, Model, Precision, Source, CATALOG};
 
 /// Loads the models `--model` names, or every embedded model and every model of `--model-dir`. A name
 /// with a directory in `--model-dir` is read from there (`models::directory`), any other must be embedded.
-pub fn load_models(options: &Options) -> Result<Vec<Model>, String> {
-    let dir = options.text("model-dir").map(PathBuf::from);
-    let pooling = pooling(options)?;
-    let precision = precision(options)?;
-    engine_threads(options)?;
+pub fn load_models(config: &ModelsConfig) -> Result<Vec<Model>, String> {
+    let (dir, pooling, precision) = (&config.dir, config.pooling, config.precision);
+    // The engine's pool is spawned once, before any model can use it.
+    pool::start(config.engine_threads);
     let in_dir = match &dir {
         Some(dir) => directory::list(dir).map_err(|e| e.to_string())?,
         None => Vec::new(),
@@ -63,7 +24,7 @@ pub fn load_models(options: &Options) -> Result<Vec<Model>, String> {
         .filter(|s| s.embedded)
         .map(|s| s.name.as_str())
         .collect();
-    let wanted: Vec<String> = match options.list("model") {
+    let wanted: Vec<String> = match config.names.as_slice() {
         // The directory's first: the first model is the default, and the operator pointed at them.
         [] => in_dir
             .iter()
@@ -85,7 +46,7 @@ pub fn load_models(options: &Options) -> Result<Vec<Model>, String> {
     }
     // Named models must load; of the ones found by looking through --model-dir, a directory that cannot be
     // served (another kind of model, or one that needs --pooling) is skipped with a warning saying why.
-    let named = !options.list("model").is_empty();
+    let named = !config.names.is_empty();
     let mut models = Vec::new();
     for name in &wanted {
         let root = dir.as_deref().and_then(|d| directory::locate(d, name));
@@ -158,8 +119,8 @@ fn load(
 /// `embedding-server models`
 pub fn list_models() {
     println!(
-        "{:<24} {:>5} {:>10} {:>12}  {:<8}  sha256 of model.safetensors",
-        "MODEL", "DIMS", "MAX TOKENS", "EMBEDDED", "ARCH"
+        "{:<24} {:>5} {:>10} {:>12}  {:<10} {:<20}  sha256 of model.safetensors",
+        "MODEL", "DIMS", "MAX TOKENS", "EMBEDDED", "ARCH", "POOLING"
     );
     for spec in CATALOG.iter() {
         let size = if spec.embedded {
@@ -168,13 +129,19 @@ pub fn list_models() {
             "no".to_string()
         };
         let weights = spec.pin("model.safetensors");
+        let pooling = format!(
+            "{}{}",
+            spec.pooling,
+            if spec.normalize { ", normalized" } else { "" }
+        );
         println!(
-            "{:<24} {:>5} {:>10} {:>12}  {:<8}  {}",
+            "{:<24} {:>5} {:>10} {:>12}  {:<10} {:<20}  {}",
             spec.name,
             spec.dims,
             spec.max_tokens,
             size,
-            format!("{:?}", spec.architecture),
+            spec.architecture.model_type(),
+            pooling,
             if weights.is_empty() {
                 "(not pinned)"
             } else {
@@ -216,7 +183,7 @@ pub fn embed(texts: Vec<String>, options: &Options) -> Result<(), String> {
     if format != "json" && format != "f32" {
         return Err(format!("--format must be json or f32, not {format:?}"));
     }
-    let model = load_models(options)?
+    let model = load_models(&cli::models_config(options)?)?
         .into_iter()
         .next()
         .ok_or("no model loaded")?;

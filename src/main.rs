@@ -37,7 +37,9 @@ fn main() {
         },
         // The flags are checked before the models load, so that a typo fails at once.
         Ok(Command::Serve(options)) => cli::serve_config(&options).and_then(|config| {
-            commands::load_models(&options).and_then(|models| server::serve(config, models))
+            cli::models_config(&options)
+                .and_then(|models| commands::load_models(&models))
+                .and_then(|models| server::serve(config, models))
         }),
         Err(message) => Err(message),
     };

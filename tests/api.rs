@@ -312,3 +312,39 @@ fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
     }
     samples
 }
+
+#[test]
+fn token_ids_without_the_models_framing_are_refused_naming_the_fix() {
+    let s = server();
+    // What LangChain's OpenAIEmbeddings sends by default: tiktoken's ids ("hello world"), all inside this
+    // vocabulary, so only their missing [CLS] … [SEP] gives them away.
+    for input in [
+        json!([15339, 1917]),
+        json!([[101, 15339, 1917]]),
+        json!([[15339, 1917, 102]]),
+    ] {
+        let response = s.post("/v1/embeddings", &json!({ "input": input }));
+        let body = assert_error(&response, 400, "invalid_request_error");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("[CLS] (101)")
+                && message.contains("[SEP] (102)")
+                && message.contains("check_embedding_ctx_length=False"),
+            "{message}"
+        );
+        assert_eq!(body["error"]["param"], "input");
+    }
+    // Framed ids that are too many are cut like a text: the end goes, [SEP] stays.
+    let long: Vec<u32> = std::iter::once(101)
+        .chain(std::iter::repeat_n(2023, 300))
+        .chain(std::iter::once(102))
+        .collect();
+    let cut: Vec<u32> = std::iter::once(101)
+        .chain(std::iter::repeat_n(2023, 254))
+        .chain(std::iter::once(102))
+        .collect();
+    let long = s.post("/v1/embeddings", &json!({ "input": long })).json();
+    let cut = s.post("/v1/embeddings", &json!({ "input": cut })).json();
+    assert_eq!(long["usage"]["prompt_tokens"], 256);
+    assert_eq!(long["data"][0]["embedding"], cut["data"][0]["embedding"]);
+}

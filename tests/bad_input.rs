@@ -209,21 +209,29 @@ fn no_truncate_flag_refuses_long_inputs() {
 #[test]
 fn lying_content_lengths_and_chunked_bodies() {
     let s = server();
-    // Shorter than declared: the body never completes, so the body deadline answers (or closes).
+    // Shorter than declared: the body never completes, so the body deadline (2 s here) answers the
+    // documented 408 with a JSON error, and the connection closes.
     let mut stream = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
     let head = "POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 5000\r\n\r\n";
+    let sent = std::time::Instant::now();
     stream
         .write_all(format!("{head}{{\"input\": \"a\"}}").as_bytes())
         .unwrap();
     let mut answer = Vec::new();
-    let _ = stream.read_to_end(&mut answer);
-    let text = String::from_utf8_lossy(&answer);
+    stream
+        .read_to_end(&mut answer)
+        .expect("the connection closes after the answer");
+    let waited = sent.elapsed();
+    let response = Response::parse(&answer);
+    assert_eq!(response.status, 408, "a short body: {}", response.text());
+    assert_eq!(response.json()["error"]["code"], "request_timeout");
+    assert_eq!(response.header("connection"), Some("close"));
     assert!(
-        text.is_empty() || text.starts_with("HTTP/1.1 408"),
-        "a short body: {text}"
+        waited >= Duration::from_millis(1900) && waited < Duration::from_secs(15),
+        "answered after the 2 s body deadline, not before: {waited:?}"
     );
     assert_eq!(
         s.post("/v1/embeddings", &json!({"input": "still fine"}))

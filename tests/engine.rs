@@ -5,7 +5,7 @@
 mod common;
 
 use common::{cosine, floats, max_abs_diff, reference};
-use embedding_server::models::{catalog, Input, Model, Source};
+use embedding_server::models::{catalog, Input, Model, Source, TruncationDirection};
 
 const MIN_COSINE: f64 = 0.99999;
 const MAX_DIFF: f64 = 1e-4;
@@ -65,7 +65,11 @@ fn every_reference_case_one_at_a_time_and_in_one_mixed_batch() {
     let cases = cases();
     for case in &cases {
         let tokens = model
-            .tokenize(&Input::Text(case.text.clone()), "")
+            .tokenize(
+                &Input::Text(case.text.clone()),
+                "",
+                TruncationDirection::Right,
+            )
             .expect("tokenises");
         assert_eq!(tokens.ids, case.ids, "input_ids of {}", case.id);
     }

@@ -6,24 +6,15 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
-use common::{floats, max_abs_diff, Server};
-use embedding_server::models::{catalog, Input, Model, Source};
+use common::{
+    floats, max_abs_diff, nomic_fixture_dir as fixture_dir, NomicModelDir as ModelDir, Server,
+};
+use embedding_server::models::{catalog, Input, Model, Source, TruncationDirection};
 use serde_json::{json, Value};
 
 const V1: &str = "nomic-embed-text-v1";
 const V15: &str = "nomic-embed-text-v1.5";
-
-fn fixture_dir() -> PathBuf {
-    let dir = common::shared_dir().join("reference").join("nomic-tiny");
-    assert!(
-        dir.join("expected.json").is_file(),
-        "the nomic-tiny fixture is missing: expected {}",
-        dir.display()
-    );
-    dir
-}
 
 fn expected() -> Value {
     let path = fixture_dir().join("expected.json");
@@ -43,39 +34,6 @@ fn cases(expected: &Value) -> &[Value] {
     let cases = expected["cases"].as_array().expect("expected.json: cases");
     assert!(!cases.is_empty(), "expected.json has no cases");
     cases
-}
-
-/// A temporary `--model-dir` whose model directories are symlinks to the fixture's files; removed on drop.
-struct ModelDir(PathBuf);
-
-impl ModelDir {
-    fn new() -> ModelDir {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let root = std::env::temp_dir().join(format!(
-            "embedding-server-nomic-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let fixture = fixture_dir();
-        for name in [V1, V15] {
-            let dir = root.join(name);
-            std::fs::create_dir_all(&dir).unwrap();
-            for file in ["config.json", "tokenizer.json", "model.safetensors"] {
-                std::os::unix::fs::symlink(fixture.join(file), dir.join(file)).unwrap();
-            }
-        }
-        ModelDir(root)
-    }
-
-    fn path(&self) -> &str {
-        self.0.to_str().unwrap()
-    }
-}
-
-impl Drop for ModelDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 fn load(name: &str, dir: &Path) -> Model {
@@ -115,7 +73,9 @@ fn engine_matches_every_fixture_case_single_and_batched() {
     for case in cases(&expected) {
         let name = case["name"].as_str().unwrap();
         let text = case["text"].as_str().unwrap();
-        let tokens = v1.tokenize(&Input::Text(text.into()), "").unwrap();
+        let tokens = v1
+            .tokenize(&Input::Text(text.into()), "", TruncationDirection::Right)
+            .unwrap();
         assert_eq!(tokens.ids, ids_of(case), "{name}: input_ids");
         let pooled = v1.encode(&[&tokens.ids]).unwrap().remove(0);
         let d_pooled = max_abs_diff(&pooled, &floats(&case["pooled"]));
@@ -171,7 +131,11 @@ fn token_ids_and_text_inputs_agree_and_bad_ids_are_refused() {
     let d = max_abs_diff(&from_ids[0], &floats(&case["v1"]));
     assert!(d <= tolerance(&expected, "v1"), "ids input differs by {d}");
     let error = model
-        .tokenize(&Input::Ids(vec![101, 30528, 102]), "")
+        .tokenize(
+            &Input::Ids(vec![101, 30528, 102]),
+            "",
+            TruncationDirection::Right,
+        )
         .unwrap_err();
     assert!(error.message.contains("30528"), "{}", error.message);
 }

@@ -1,6 +1,7 @@
 //! The service manager's notify protocol, against a fake `$NOTIFY_SOCKET`: READY=1 only once the server
-//! accepts connections, WATCHDOG=1 at half of `$WATCHDOG_USEC`, STOPPING=1 when SIGTERM starts the drain,
-//! abstract socket names, and silence towards a watchdog meant for another process.
+//! accepts connections, WATCHDOG=1 at half of `$WATCHDOG_USEC` and only while requests get through,
+//! STOPPING=1 when SIGTERM starts the drain, abstract socket names, silence towards a watchdog meant for
+//! another process, and exit status 1 when the serving path stays broken.
 
 mod common;
 
@@ -176,4 +177,57 @@ fn stopping_is_sent_when_the_drain_begins() {
     manager.expect_line("READY=1", Duration::from_secs(30));
     server.signal("TERM");
     manager.expect_line("STOPPING=1", Duration::from_secs(30));
+}
+
+#[test]
+fn the_watchdog_stops_and_the_server_exits_1_when_requests_cannot_get_through() {
+    let manager = FakeManager::at_path("broken");
+    let mut server = Server::start_with_env(
+        &["--unhealthy-exit", "2"],
+        &[
+            ("NOTIFY_SOCKET", &manager.address),
+            ("WATCHDOG_USEC", "200000"),
+        ],
+    );
+    manager.expect_line("READY=1", Duration::from_secs(30));
+    manager.expect_line("WATCHDOG=1", Duration::from_secs(2));
+    // Take away the server's last free file descriptor: no connection can be accepted any more, so no
+    // request can get through, although every thread is alive.
+    let pid = server.pid();
+    let lowest_free = (0u64..)
+        .find(|n| !std::path::Path::new(&format!("/proc/{pid}/fd/{n}")).exists())
+        .unwrap();
+    let limit = libc::rlimit {
+        rlim_cur: lowest_free,
+        rlim_max: lowest_free,
+    };
+    // SAFETY: prlimit with a valid pointer to a local struct; lowering needs no privilege.
+    let lowered = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &limit,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(lowered, 0, "{}", std::io::Error::last_os_error());
+    let broken = Instant::now();
+    // A probe already under way may still finish; after that, silence.
+    while manager.next(Duration::from_millis(1500)).is_some() {
+        assert!(
+            broken.elapsed() < Duration::from_secs(3),
+            "WATCHDOG=1 goes on although nothing can connect"
+        );
+    }
+    let code = server.wait_exit(Duration::from_secs(15));
+    assert_eq!(
+        code,
+        Some(1),
+        "exits 1 once the path has been broken for 2 s"
+    );
+    let log = server.stderr.lock().unwrap().clone();
+    assert!(
+        log.contains("fatal: no request has gone through"),
+        "a clear last line: {log}"
+    );
 }

@@ -10,46 +10,8 @@ use std::process::Command;
 use common::{shared_dir, Server};
 
 fn python_with_openai() -> PathBuf {
-    if let Some(python) = std::env::var_os("EMBEDDING_SERVER_TEST_PYTHON") {
-        return PathBuf::from(python);
-    }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("target")
-        .join("openai-venv");
-    let python = venv.join("bin").join("python");
-    let has_openai = |python: &PathBuf| {
-        Command::new(python)
-            .args(["-c", "import openai"])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !has_openai(&python) {
-        let created = Command::new("python3")
-            .arg("-m")
-            .arg("venv")
-            .arg(&venv)
-            .status();
-        assert!(
-            created.is_ok_and(|s| s.success()),
-            "cannot create a venv with python3 -m venv at {}",
-            venv.display()
-        );
-        let installed = Command::new(&python)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "openai",
-            ])
-            .status();
-        assert!(
-            installed.is_ok_and(|s| s.success()),
-            "pip could not install the openai package"
-        );
-    }
-    python
+    common::python_with("openai-venv", &["openai"], &["openai"])
+        .unwrap_or_else(|e| panic!("no Python with the openai package: {e}"))
 }
 
 #[test]

@@ -12,17 +12,32 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::{Response, Server};
-use embedding_server::server::ROUTES;
+use embedding_server::server::{ErrorShape, ROUTES};
 use serde_json::{json, Value};
 
 const METHODS: [&str; 6] = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"];
 const MODEL: &str = "all-MiniLM-L6-v2";
+const RERANKER: &str = "rerank-tiny";
 /// Small enough that a test can send a larger body cheaply.
 const MAX_BODY_BYTES: usize = 65_536;
 
+/// The embedded model and a reranker (the shared rerank-tiny), so that every documented operation has a
+/// model to answer it.
 fn server() -> &'static Server {
     static SERVER: OnceLock<Server> = OnceLock::new();
-    SERVER.get_or_init(|| Server::start(&["--max-body-bytes", &MAX_BODY_BYTES.to_string()]))
+    SERVER.get_or_init(|| {
+        let reference = common::shared_dir().join("reference");
+        Server::start(&[
+            "--max-body-bytes",
+            &MAX_BODY_BYTES.to_string(),
+            "--model-dir",
+            reference.to_str().unwrap(),
+            "--model",
+            MODEL,
+            "--model",
+            RERANKER,
+        ])
+    })
 }
 
 /// The document as the server serves it, checked against the file it is built from.
@@ -384,11 +399,26 @@ fn every_documented_operation_answers_and_fits_the_document() {
     assert!(probed >= 15, "only {probed} operations probed");
 }
 
+/// The documented 405 of `path`: in the error shape of the API the path belongs to.
+fn method_not_allowed<'a>(doc: &'a Value, path: &str) -> &'a Value {
+    let shape = ROUTES
+        .iter()
+        .find(|route| route.path == path)
+        .map_or(ErrorShape::OpenAi, |route| route.errors);
+    let prefix = match shape {
+        ErrorShape::OpenAi => "",
+        ErrorShape::Ollama => "Ollama",
+        ErrorShape::Cohere => "Cohere",
+        ErrorShape::Tei => "Tei",
+    };
+    &doc["components"]["responses"][format!("{prefix}MethodNotAllowed")]
+}
+
 #[test]
 fn every_other_method_gets_405_naming_exactly_the_documented_methods() {
     let doc = document();
-    let not_allowed = &doc["components"]["responses"]["MethodNotAllowed"];
     for (path, methods) in operations(doc) {
+        let not_allowed = method_not_allowed(doc, &path);
         let documented: BTreeSet<String> = methods.iter().map(|(m, _)| m.clone()).collect();
         let concrete = path.replace("{id}", MODEL);
         for method in METHODS.iter().filter(|m| !documented.contains(**m)) {
@@ -414,7 +444,12 @@ fn the_route_table_and_the_document_list_the_same_paths_and_methods() {
         .map(|(path, methods)| (path, methods.into_iter().map(|(m, _)| m).collect()))
         .collect();
     for route in ROUTES {
-        let methods: BTreeSet<String> = route.methods.iter().map(|m| m.to_string()).collect();
+        // A path may take a row per method (`GET /` and `POST /`): together they answer its methods.
+        let methods: BTreeSet<String> = ROUTES
+            .iter()
+            .filter(|other| other.path == route.path)
+            .flat_map(|other| other.methods.iter().map(|m| m.to_string()))
+            .collect();
         let entry = documented.iter().find(|(path, _)| path == route.path);
         let Some((_, documented_methods)) = entry else {
             panic!(
@@ -489,6 +524,9 @@ fn request_schema_accepts_what_the_server_takes_and_refuses_what_it_refuses() {
                "task": null, "prompt_name": null, "truncate": null, "user": null}),
         json!({"input": [101.0, 102.0], "dimensions": 384.0}),
         json!({"input": "unknown fields are ignored", "extra": {"anything": [1]}}),
+        json!({"input": "a", "encoding_format": "int8", "truncation_direction": "Left"}),
+        json!({"input": ["a", "b"], "encoding_format": "ubinary", "truncation_direction": "right"}),
+        json!({"input": [101, 102], "encoding_format": "uint8", "truncation_direction": null}),
     ];
     for body in taken {
         assert!(
@@ -516,6 +554,9 @@ fn request_schema_accepts_what_the_server_takes_and_refuses_what_it_refuses() {
         json!({"input": {"text": "a"}}),
         json!({"input": "a", "model": 7}),
         json!({"input": "a", "encoding_format": "hex"}),
+        json!({"input": "a", "encoding_format": "int4"}),
+        json!({"input": "a", "truncation_direction": "up"}),
+        json!({"input": "a", "truncation_direction": 1}),
         json!({"input": "a", "dimensions": 0}),
         json!({"input": "a", "dimensions": -1}),
         json!({"input": "a", "dimensions": 1.5}),
@@ -537,6 +578,118 @@ fn request_schema_accepts_what_the_server_takes_and_refuses_what_it_refuses() {
 }
 
 #[test]
+fn rerank_request_schemas_accept_what_the_server_takes_and_refuse_what_it_refuses() {
+    let doc = document();
+    let cases: [(&str, Vec<Value>, Vec<Value>); 2] = [
+        (
+            "/v1/rerank",
+            vec![
+                json!({"query": "", "documents": [""]}),
+                json!({"query": "q", "documents": ["a", {"text": "b"}], "model": RERANKER,
+                       "top_n": 1, "return_documents": true, "truncate": true}),
+                json!({"query": "q", "documents": ["a"], "model": null, "top_n": null,
+                       "return_documents": null, "truncate": null}),
+                json!({"query": "q", "documents": ["a"], "top_n": 2.0, "rank_fields": ["text"]}),
+            ],
+            vec![
+                json!({}),
+                json!({"documents": ["a"]}),
+                json!({"query": ["q"], "documents": ["a"]}),
+                json!({"query": "q"}),
+                json!({"query": "q", "documents": []}),
+                json!({"query": "q", "documents": "a"}),
+                json!({"query": "q", "documents": [1]}),
+                json!({"query": "q", "documents": [{"title": "a"}]}),
+                json!({"query": "q", "documents": ["a"], "top_n": 0}),
+                json!({"query": "q", "documents": ["a"], "top_n": 1.5}),
+                json!({"query": "q", "documents": ["a"], "return_documents": "yes"}),
+                json!({"query": "q", "documents": ["a"], "model": 1}),
+            ],
+        ),
+        (
+            "/rerank",
+            vec![
+                json!({"query": "q", "texts": ["a"]}),
+                json!({"query": "q", "texts": ["a", ""], "raw_scores": true, "return_text": false,
+                       "truncate": false, "truncation_direction": "Right", "model": RERANKER}),
+            ],
+            vec![
+                json!({"query": "q"}),
+                json!({"query": "q", "texts": []}),
+                json!({"query": "q", "texts": [{"text": "a"}]}),
+                json!({"query": "q", "texts": ["a"], "raw_scores": "no"}),
+                json!({"query": "q", "texts": ["a"], "truncation_direction": "Left"}),
+            ],
+        ),
+    ];
+    for (path, taken, refused) in cases {
+        let schema = request_schema(doc, path, "POST");
+        for body in taken {
+            assert!(
+                validate(doc, schema, &body, "$").is_ok(),
+                "{path}: the schema refuses {body}"
+            );
+            let response = server().post(path, &body);
+            assert_eq!(response.status, 200, "{path} {body}: {}", response.text());
+            check_operation_response(doc, path, "POST", &response);
+        }
+        for body in refused {
+            assert!(
+                validate(doc, schema, &body, "$").is_err(),
+                "{path}: the schema takes {body}"
+            );
+            let response = server().post(path, &body);
+            // text-embeddings-inference's statuses on /rerank: 422, or 400 for no texts.
+            let expected: &[u16] = if path == "/rerank" {
+                &[400, 422]
+            } else {
+                &[400]
+            };
+            assert!(
+                expected.contains(&response.status),
+                "{path} {body}: {} {}",
+                response.status,
+                response.text()
+            );
+            check_operation_response(doc, path, "POST", &response);
+        }
+    }
+    // Impossible although the schema takes it: a model of the other kind, each way.
+    for (path, body) in [
+        (
+            "/v1/rerank",
+            json!({"query": "q", "documents": ["a"], "model": MODEL}),
+        ),
+        (
+            "/rerank",
+            json!({"query": "q", "texts": ["a"], "model": MODEL}),
+        ),
+        ("/v1/embeddings", json!({"input": "a", "model": RERANKER})),
+    ] {
+        let response = server().post(path, &body);
+        let expected = if path == "/rerank" { 422 } else { 400 };
+        assert_eq!(
+            response.status,
+            expected,
+            "{path} {body}: {}",
+            response.text()
+        );
+        check_operation_response(doc, path, "POST", &response);
+    }
+    let card = server()
+        .request("GET", &format!("/v1/models/{RERANKER}"), None)
+        .json();
+    let schema = json!({"$ref": "#/components/schemas/ModelCard"});
+    validate(doc, &schema, &card, "$").expect("a reranker's card fits");
+    let mut mixed = card.clone();
+    mixed["task"] = json!("embed");
+    assert!(
+        validate(doc, &schema, &mixed, "$").is_err(),
+        "an embedding card without dims passed"
+    );
+}
+
+#[test]
 fn every_error_the_server_can_be_made_to_give_fits_the_document() {
     let doc = document();
     let s = server();
@@ -554,13 +707,55 @@ fn every_error_the_server_can_be_made_to_give_fits_the_document() {
         check_operation_response(doc, "/v1/embeddings", "POST", &response);
     }
     // 404: unknown model, by body and by path.
-    let response = s.post("/v1/embeddings", &json!({"input": "a", "model": "gpt-4"}));
-    assert_eq!(response.status, 404);
-    assert_eq!(response.json()["error"]["code"], "model_not_found");
-    check_operation_response(doc, "/v1/embeddings", "POST", &response);
+    for (path, body) in [
+        ("/v1/embeddings", json!({"input": "a", "model": "gpt-4"})),
+        (
+            "/v1/rerank",
+            json!({"query": "q", "documents": ["a"], "model": "gpt-4"}),
+        ),
+        (
+            "/v2/rerank",
+            json!({"query": "q", "documents": ["a"], "model": "gpt-4"}),
+        ),
+        (
+            "/rerank",
+            json!({"query": "q", "texts": ["a"], "model": "gpt-4"}),
+        ),
+    ] {
+        let response = s.post(path, &body);
+        assert_eq!(response.status, 404, "{path}");
+        // Each in its API's body: OpenAI's names the code, Cohere's and text-embeddings-inference's the model.
+        let body = response.json();
+        let message = body["error"]["message"]
+            .as_str()
+            .or(body["message"].as_str())
+            .or(body["error"].as_str())
+            .unwrap_or_else(|| panic!("{path}: {body}"));
+        assert!(message.contains("gpt-4"), "{path}: {body}");
+        check_operation_response(doc, path, "POST", &response);
+    }
     let response = s.request("GET", "/v1/models/gpt-4", None);
     assert_eq!(response.status, 404);
     check_operation_response(doc, "/v1/models/{id}", "GET", &response);
+    let response = s.request("GET", "/v1/models/gpt-4/quantization", None);
+    assert_eq!(response.status, 404);
+    check_operation_response(doc, "/v1/models/{id}/quantization", "GET", &response);
+    // The tokenizer endpoints: an id outside the vocabulary, an empty list, an unknown model.
+    for (path, body, status) in [
+        ("/decode", json!({"ids": [999_999]}), 400),
+        ("/decode", json!({"ids": []}), 400),
+        ("/tokenize", json!({"inputs": []}), 400),
+        ("/tokenize", json!({"inputs": "a", "model": "gpt-4"}), 404),
+    ] {
+        let response = s.post(path, &body);
+        assert_eq!(
+            response.status,
+            status,
+            "{path} {body}: {}",
+            response.text()
+        );
+        check_operation_response(doc, path, "POST", &response);
+    }
     // 413, on an embedding route and on one that takes no body.
     let large = format!(r#"{{"input": "{}"}}"#, "a".repeat(MAX_BODY_BYTES));
     for (method, path) in [("POST", "/v1/embeddings"), ("GET", "/health")] {
@@ -569,7 +764,12 @@ fn every_error_the_server_can_be_made_to_give_fits_the_document() {
         check_operation_response(doc, path, method, &response);
     }
     // 415.
-    for (method, path) in [("POST", "/v1/embeddings"), ("GET", "/v1/encode")] {
+    for (method, path) in [
+        ("POST", "/v1/embeddings"),
+        ("GET", "/v1/encode"),
+        ("POST", "/v1/rerank"),
+        ("POST", "/rerank"),
+    ] {
         let response = s.raw_request(
             method,
             path,
@@ -578,6 +778,78 @@ fn every_error_the_server_can_be_made_to_give_fits_the_document() {
         );
         assert_eq!(response.status, 415, "{method} {path}: {}", response.text());
         check_operation_response(doc, path, method, &response);
+    }
+}
+
+#[test]
+fn every_error_a_dialect_can_be_made_to_give_fits_the_document() {
+    let doc = document();
+    let s = server();
+    let long = "word ".repeat(400);
+    let cases = [
+        ("/api/embed", "{not json".to_string(), 400),
+        (
+            "/api/embed",
+            json!({"input": "a", "model": "x"}).to_string(),
+            404,
+        ),
+        (
+            "/api/embed",
+            json!({"input": long, "truncate": false}).to_string(),
+            400,
+        ),
+        (
+            "/api/embeddings",
+            json!({"prompt": "a", "model": "x"}).to_string(),
+            404,
+        ),
+        (
+            "/v2/embed",
+            json!({"texts": ["a"], "model": "x"}).to_string(),
+            404,
+        ),
+        (
+            "/v2/embed",
+            json!({"texts": [long], "truncate": "NONE"}).to_string(),
+            400,
+        ),
+        ("/v2/embed", json!({"images": ["data:,"]}).to_string(), 400),
+        ("/embed", json!({"inputs": []}).to_string(), 400),
+        (
+            "/embed",
+            json!({"inputs": long, "truncate": false}).to_string(),
+            422,
+        ),
+        ("/", json!({"inputs": "a", "model": "x"}).to_string(), 404),
+        ("/", "[]".to_string(), 422),
+    ];
+    let json_type = [("Content-Type", "application/json")];
+    for (path, body, status) in cases {
+        let response = s.raw_request("POST", path, &json_type, body.as_bytes());
+        assert_eq!(
+            response.status,
+            status,
+            "{path} {body}: {}",
+            response.text()
+        );
+        check_operation_response(doc, path, "POST", &response);
+    }
+    let large = format!(r#"{{"inputs": "{}"}}"#, "a".repeat(MAX_BODY_BYTES));
+    for (method, path) in [
+        ("POST", "/api/embed"),
+        ("GET", "/api/tags"),
+        ("POST", "/v2/embed"),
+        ("POST", "/"),
+        ("GET", "/info"),
+    ] {
+        let response = s.raw_request(method, path, &json_type, large.as_bytes());
+        assert_eq!(response.status, 413, "{method} {path}: {}", response.text());
+        check_operation_response(doc, path, method, &response);
+    }
+    for path in ["/v2/embed", "/embed"] {
+        let response = s.raw_request("POST", path, &[("Content-Type", "text/plain")], b"{}");
+        assert_eq!(response.status, 415, "{path}: {}", response.text());
+        check_operation_response(doc, path, "POST", &response);
     }
 }
 

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{cosine, floats, max_abs_diff, reference, Server};
-use embedding_server::models::{catalog, Input, Model, Source};
+use embedding_server::models::{catalog, Input, Model, Source, TruncationDirection};
 use serde_json::{json, Value};
 
 const MIN_COSINE: f64 = 0.99999;
@@ -39,7 +39,11 @@ fn token_ids_equal_sentence_transformers_including_truncation() {
     let model = embedded_model();
     for case in cases() {
         let tokens = model
-            .tokenize(&Input::Text(case["text"].as_str().unwrap().into()), "")
+            .tokenize(
+                &Input::Text(case["text"].as_str().unwrap().into()),
+                "",
+                TruncationDirection::Right,
+            )
             .unwrap();
         let want: Vec<u32> = case["input_ids"]
             .as_array()

@@ -19,7 +19,9 @@ if ! "$venv/bin/schemathesis" --version 2>/dev/null | grep -q "$version"; then
 fi
 
 log=$(mktemp)
-"$binary" serve --host 127.0.0.1 --port 0 >"$log.out" 2>"$log" &
+# The embedded model and a reranker (the shared rerank-tiny), so that every documented operation has a model.
+"$binary" serve --host 127.0.0.1 --port 0 --model-dir ../shared/reference --model all-MiniLM-L6-v2 \
+    --model rerank-tiny >"$log.out" 2>"$log" &
 server=$!
 trap 'kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; rm -f "$log" "$log.out"' EXIT
 

@@ -97,3 +97,57 @@ fn sigterm_drains_every_accepted_request_and_exits_zero() {
         "{log}"
     );
 }
+
+/// Clients that arrive while the server starts (a load balancer's retries, a cold start timed by its first
+/// answer) are served at once, and the start still completes: READY, `listening on`, the self-probe and a
+/// later SIGTERM all happen as they would on a quiet start.
+#[test]
+fn clients_during_start_neither_wait_nor_stall_it() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let started = std::sync::atomic::AtomicBool::new(false);
+    let answered = std::sync::atomic::AtomicUsize::new(0);
+    let mut server = std::thread::scope(|scope| {
+        for _ in 0..4 {
+            scope.spawn(|| {
+                let body = r#"{"input": "hello"}"#;
+                while !started.load(std::sync::atomic::Ordering::SeqCst) {
+                    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+                        std::thread::sleep(Duration::from_millis(1));
+                        continue;
+                    };
+                    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+                    let request = format!(
+                        "POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+                         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let mut answer = String::new();
+                    if stream.write_all(request.as_bytes()).is_ok()
+                        && stream.read_to_string(&mut answer).is_ok()
+                        && answer.starts_with("HTTP/1.1 200")
+                    {
+                        answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
+            });
+        }
+        let mut command = std::process::Command::new(common::BINARY);
+        command.args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()]);
+        // Waits for `listening on` (or panics with the log when the server gives up); the clients stop
+        // either way, so that the scope ends.
+        let server = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Server::from_command(command)));
+        started.store(true, std::sync::atomic::Ordering::SeqCst);
+        server
+    })
+    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+    eprintln!(
+        "{} answers while the server started",
+        answered.load(std::sync::atomic::Ordering::SeqCst)
+    );
+    server.signal("TERM");
+    assert_eq!(server.wait_exit(Duration::from_secs(30)), Some(0));
+}

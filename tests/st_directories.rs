@@ -8,8 +8,8 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{floats, max_abs_diff, Server};
-use embedding_server::models::{directory, Input, Model, Pooling, Source};
+use common::{edit_json, floats, max_abs_diff, Scratch, Server};
+use embedding_server::models::{directory, Input, Model, Pooling, Source, TruncationDirection};
 use serde_json::{json, Value};
 
 fn fixtures_dir() -> PathBuf {
@@ -93,7 +93,9 @@ fn check_library(dir: &Path, name: &str, pooling: Option<Pooling>) -> usize {
     let mut checked = 0;
     for (case, (input, in_batch)) in cases.iter().zip(texts.iter().zip(&batched)) {
         let what = format!("{name} case {}", case["id"]);
-        let tokens = model.tokenize(input, &default).unwrap();
+        let tokens = model
+            .tokenize(input, &default, TruncationDirection::Right)
+            .unwrap();
         assert_eq!(tokens.ids, ids(&case["input_ids"]), "{what}: input_ids");
         let want = floats(&case["embedding"]);
         within(
@@ -109,7 +111,9 @@ fn check_library(dir: &Path, name: &str, pooling: Option<Pooling>) -> usize {
                 .prompt(&prompt)
                 .expect("the prompt is read")
                 .to_string();
-            let tokens = model.tokenize(input, &prefix).unwrap();
+            let tokens = model
+                .tokenize(input, &prefix, TruncationDirection::Right)
+                .unwrap();
             if let Some(prompt_ids) = prompt_ids {
                 assert_eq!(tokens.ids, prompt_ids, "{what} prompt {prompt}: input_ids");
             }
@@ -309,58 +313,20 @@ fn http_serves_every_directory_beside_the_embedded_model() {
     );
 }
 
-/// A scratch model directory made from a fixture, with some files changed; removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn from_fixture(fixture: &str, edit: impl FnOnce(&Path)) -> Scratch {
-        let root = std::env::temp_dir().join(format!(
-            "embedding-server-st-{}-{fixture}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        ));
-        let model = root.join("m");
-        copy_dir(&fixtures_dir().join(fixture), &model);
-        edit(&model);
-        Scratch(root)
-    }
-
-    fn error(&self, pooling: Option<Pooling>) -> String {
-        let loaded = directory::spec(&self.0, "m", pooling)
-            .and_then(|spec| Model::load(&spec, &Source::Dir(self.0.clone())));
-        match loaded {
-            Ok(_) => panic!("the directory was accepted"),
-            Err(e) => e.message,
-        }
-    }
+/// A scratch copy of a fixture, with some files changed.
+fn scratch(fixture: &str, edit: impl FnOnce(&Path)) -> Scratch {
+    Scratch::new(&fixtures_dir().join(fixture), edit)
 }
 
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+/// Why the scratch directory cannot be served.
+fn refusal(scratch: &Scratch, pooling: Option<Pooling>) -> String {
+    let dir = scratch.root().to_path_buf();
+    let loaded =
+        directory::spec(&dir, "m", pooling).and_then(|spec| Model::load(&spec, &Source::Dir(dir)));
+    match loaded {
+        Ok(_) => panic!("the directory was accepted"),
+        Err(e) => e.message,
     }
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
-
-fn edit_json(path: &Path, edit: impl FnOnce(&mut Value)) {
-    let mut value: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    edit(&mut value);
-    std::fs::write(path, value.to_string()).unwrap();
 }
 
 /// A change to a scratch copy of a fixture.
@@ -448,6 +414,16 @@ fn unsupported_directories_are_refused_naming_what_is_unsupported() {
         ),
         (
             "cls-newer",
+            Box::new(|m| {
+                edit_json(&m.join("tokenizer.json"), |t| {
+                    let next = t["model"]["vocab"].as_object().unwrap().len();
+                    t["model"]["vocab"]["zzzz"] = next.into();
+                })
+            }),
+            "do not belong together",
+        ),
+        (
+            "cls-newer",
             Box::new(|m| std::fs::remove_file(m.join("tokenizer.json")).unwrap()),
             "lacks tokenizer.json",
         ),
@@ -460,11 +436,11 @@ fn unsupported_directories_are_refused_naming_what_is_unsupported() {
         ),
     ];
     for (fixture, edit, says) in cases {
-        let error = Scratch::from_fixture(fixture, edit).error(None);
+        let error = refusal(&scratch(fixture, edit), None);
         assert!(error.contains(says), "expected {says:?} in: {error}");
     }
     // A plain transformers directory needs --pooling.
-    let error = Scratch::from_fixture("plain-transformers", |_| {}).error(None);
+    let error = refusal(&scratch("plain-transformers", |_| {}), None);
     assert!(
         error.contains("--pooling") && error.contains("modules.json"),
         "{error}"
@@ -473,10 +449,10 @@ fn unsupported_directories_are_refused_naming_what_is_unsupported() {
 
 #[test]
 fn the_server_refuses_to_start_on_a_bad_directory_and_says_why() {
-    let scratch = Scratch::from_fixture("plain-transformers", |_| {});
+    let scratch = scratch("plain-transformers", |_| {});
     let out = std::process::Command::new(common::BINARY)
         .args(["serve", "--port", "0", "--model-dir"])
-        .arg(&scratch.0)
+        .arg(scratch.root())
         .args(["--model", "m"])
         .output()
         .unwrap();
@@ -485,7 +461,7 @@ fn the_server_refuses_to_start_on_a_bad_directory_and_says_why() {
     assert!(stderr.contains("--pooling"), "{stderr}");
     let out = std::process::Command::new(common::BINARY)
         .args(["serve", "--port", "0", "--model-dir"])
-        .arg(&scratch.0)
+        .arg(scratch.root())
         .args(["--model", "nothing-here"])
         .output()
         .unwrap();

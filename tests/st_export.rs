@@ -8,7 +8,7 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
-use embedding_server::models::{catalog, Input, Model, Source};
+use embedding_server::models::{catalog, Input, Model, Source, TruncationDirection};
 use serde_json::json;
 
 /// The Python with sentence-transformers: `$EMBEDDING_SERVER_ST_PYTHON`, else `target/st-venv/bin/python`
@@ -66,7 +66,13 @@ fn sentence_transformers_loads_exported_directories_and_gives_the_servers_vector
         for prompt in prompts {
             let prefix = prompt.map_or(spec.default_prompt(), |p| spec.prompt(p).unwrap());
             for text in &texts {
-                let tokens = model.tokenize(&Input::Text(text.clone()), prefix).unwrap();
+                let tokens = model
+                    .tokenize(
+                        &Input::Text(text.clone()),
+                        prefix,
+                        TruncationDirection::Right,
+                    )
+                    .unwrap();
                 let pooled = model.encode(&[&tokens.ids]).unwrap().remove(0);
                 cases.push(json!({
                     "text": text,

@@ -95,7 +95,13 @@ fn the_page_is_small_keyless_and_allows_only_its_own_inline_code() {
     for path in ["/v1/info", "/v1/models", "/openapi.json"] {
         assert_eq!(server.request("GET", path, None).status, 401, "{path}");
     }
-    assert_eq!(server.request("POST", "/", None).status, 405);
+    // POST / is text-embeddings-inference's embed, which needs the key like every other embedding route.
+    assert_eq!(
+        server
+            .request("POST", "/", Some(r#"{"inputs": "a"}"#))
+            .status,
+        401
+    );
 }
 
 #[test]
@@ -152,48 +158,7 @@ fn skipped(reason: &str) {
 /// A Python with selenium: EMBEDDING_SERVER_TEST_PYTHON if it has it, else `target/selenium-venv`,
 /// created and filled with pip on first use. `Err` says why there is none.
 fn python_with_selenium() -> Result<PathBuf, String> {
-    let has_selenium = |python: &PathBuf| {
-        Command::new(python)
-            .args(["-c", "import selenium"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    if let Some(python) = std::env::var_os("EMBEDDING_SERVER_TEST_PYTHON").map(PathBuf::from) {
-        if has_selenium(&python) {
-            return Ok(python);
-        }
-    }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("target")
-        .join("selenium-venv");
-    let python = venv.join("bin").join("python");
-    if has_selenium(&python) {
-        return Ok(python);
-    }
-    let run = |command: &mut Command, what: &str| match command.output() {
-        Ok(out) if out.status.success() => Ok(()),
-        Ok(out) => Err(format!(
-            "{what} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )),
-        Err(e) => Err(format!("{what} could not run: {e}")),
-    };
-    run(
-        Command::new("python3").arg("-m").arg("venv").arg(&venv),
-        "python3 -m venv",
-    )?;
-    run(
-        Command::new(&python).args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "selenium",
-        ]),
-        "pip install selenium",
-    )?;
-    Ok(python)
+    common::python_with("selenium-venv", &["selenium"], &["selenium"])
 }
 
 #[test]

@@ -95,8 +95,12 @@ in
         RestartSec = 2;
         MemoryHigh = "768M";
         MemoryMax = "1G";
-        TasksMax = 128;
-        LimitNOFILE = 4096;
+        # Fixed at start: 2 x threads + 7, one per model, and up to 2 per core for the engine; see
+        # deploy/README.md ("Threads, files and connections"). 224 covers one model on 100 cores.
+        TasksMax = 2 * cfg.threads + 224;
+        # The default --max-connections is this less 64 + 2 x (threads + 1); setrlimit is filtered below,
+        # so the server cannot raise it itself.
+        LimitNOFILE = 16384;
 
         DynamicUser = true;
         ProtectSystem = "strict";

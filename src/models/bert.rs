@@ -1,7 +1,8 @@
 //! BERT (all-MiniLM-L6-v2, bge, e5, gte, …): absolute position embeddings, token types, post-norm layers
-//! with biases, the GELU config.json names (erf or tanh form), any size, pooled as the model says. The
-//! layers run on the shared engine ([`kernels::layers`]); this file reads the config and the weights and
-//! embeds the tokens.
+//! with biases, the GELU config.json names (erf or tanh form), any size, pooled as the model says; and BERT
+//! cross-encoders (`BertForSequenceClassification`), whose [CLS] state goes through the pooler and the
+//! classifier. The layers run on the shared engine ([`kernels::layers`]); this file reads the config and
+//! the weights, embeds the tokens and applies the classification head.
 
 use serde_json::Value;
 
@@ -9,7 +10,7 @@ use super::catalog::Pooling;
 use super::config::{self, ModelConfig};
 use super::kernels::gemm::Dense;
 use super::kernels::layers::{Layer, Linear, Mlp, Stack};
-use super::kernels::{Activation, LayerNorm, Precision};
+use super::kernels::{self, Activation, LayerNorm, Precision};
 use super::{check_batch, pooling, Encoder, ModelError, Sequence, Weights};
 
 /// The hyper-parameters read from the model's config.json.
@@ -139,6 +140,31 @@ fn load_layer(w: &Weights, prefix: &str, c: &Config, p: Precision) -> Result<Lay
     })
 }
 
+/// `BertForSequenceClassification`'s head: the pooler (dense and tanh over the [CLS] state) and the
+/// classifier (dense, to one logit per label). Dropout does nothing at inference. Both stay f32 whatever
+/// the precision: a handful of rows per batch, so they cost nothing next to the layers.
+struct Classifier {
+    pooler: Linear,
+    classifier: Linear,
+}
+
+impl Classifier {
+    /// The logits of each pooled [CLS] state of `cls`.
+    fn forward(&self, cls: &[Vec<f32>]) -> Vec<Vec<f32>> {
+        let states: Vec<f32> = cls.concat();
+        let mut pooled = self.pooler.forward(&states, cls.len());
+        for x in &mut pooled {
+            *x = kernels::tanh(*x);
+        }
+        let labels = self.classifier.weight.outputs();
+        self.classifier
+            .forward(&pooled, cls.len())
+            .chunks_exact(labels.max(1))
+            .map(<[f32]>::to_vec)
+            .collect()
+    }
+}
+
 pub struct Bert {
     config: Config,
     /// [vocab, hidden]
@@ -150,19 +176,25 @@ pub struct Bert {
     embedding_norm: LayerNorm,
     stack: Stack,
     pooling: Pooling,
+    /// A cross-encoder's head: then `encode` gives its logits, not the pooled state.
+    classifier: Option<Classifier>,
 }
 
 impl Bert {
     /// `weights` may hold f32, f16 or bf16 tensors (widened to f32 here), with or without the `bert.` prefix.
+    /// With `labels`, the model is a cross-encoder with that many labels: its `bert.pooler` and `classifier`
+    /// are loaded too, and `encode` gives the logits of the [CLS] state.
     pub fn load(
         config: &ModelConfig,
         weights: &[u8],
         pooling: Pooling,
+        labels: Option<usize>,
         precision: Precision,
     ) -> Result<Bert, ModelError> {
         let c = Config::parse(config)?;
         let w = Weights::new(weights)?;
-        // Checkpoints saved from BertModel have no prefix; those saved from a task head prefix "bert.".
+        // Checkpoints saved from BertModel have no prefix; those saved from a task head prefix "bert." (and
+        // keep the head, `classifier.*`, at the top).
         let prefix = if w.contains("embeddings.word_embeddings.weight") {
             ""
         } else {
@@ -172,6 +204,25 @@ impl Bert {
             .map(|i| load_layer(&w, &format!("{prefix}encoder.layer.{i}"), &c, precision))
             .collect::<Result<Vec<_>, _>>()?;
         let embeddings = format!("{prefix}embeddings");
+        let classifier = match labels {
+            None => None,
+            Some(labels) => Some(Classifier {
+                pooler: w.packed_linear(
+                    &format!("{prefix}pooler.dense"),
+                    c.hidden,
+                    c.hidden,
+                    true,
+                    Precision::F32,
+                )?,
+                classifier: w.packed_linear(
+                    "classifier",
+                    c.hidden,
+                    labels,
+                    true,
+                    Precision::F32,
+                )?,
+            }),
+        };
         Ok(Bert {
             word_embeddings: w.get(
                 &format!("{embeddings}.word_embeddings.weight"),
@@ -188,6 +239,7 @@ impl Bert {
             embedding_norm: w.layer_norm(&format!("{embeddings}.LayerNorm"), c.hidden, c.eps)?,
             stack: Stack::new(c.hidden, c.heads, c.intermediate, layers, None, precision),
             pooling,
+            classifier,
             config: c,
         })
     }
@@ -228,7 +280,13 @@ impl Encoder for Bert {
         Ok(self.stack.run(
             &lengths,
             &|i, rows| self.embed(&batch[i], rows),
-            &|states, lengths| pooling::pool(states, c.hidden, lengths, self.pooling),
+            &|states, lengths| {
+                let pooled = pooling::pool(states, c.hidden, lengths, self.pooling);
+                match &self.classifier {
+                    Some(classifier) => classifier.forward(&pooled),
+                    None => pooled,
+                }
+            },
         ))
     }
 }

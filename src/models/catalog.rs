@@ -4,7 +4,7 @@
 
 use std::sync::LazyLock;
 
-pub use super::manifest::{Architecture, Pooling};
+pub use super::manifest::{Architecture, Pooling, ScoreActivation, Task};
 use super::manifest::{Entry, Manifest};
 
 /// One file a model needs, pinned by hash.
@@ -31,6 +31,11 @@ pub struct ModelSpec {
     /// The longest input the model sees, [CLS] and [SEP] included.
     pub max_tokens: usize,
     pub pooling: Pooling,
+    /// Embedding or reranking.
+    pub task: Task,
+    /// A reranker's score function, applied to its logit; `Identity` for an embedding model, whose vectors
+    /// it never touches.
+    pub activation: ScoreActivation,
     /// nomic-embed-text-v1.5: a layer norm without affine parameters between pooling and truncation.
     pub post_pooling_layer_norm: bool,
     pub normalize: bool,
@@ -68,6 +73,11 @@ impl ModelSpec {
             matryoshka_dims: entry.matryoshka_dims,
             max_tokens: entry.max_tokens,
             pooling: entry.pooling,
+            task: entry.task,
+            activation: match entry.task {
+                Task::Embed => ScoreActivation::Identity,
+                Task::Rerank => entry.activation.unwrap_or(ScoreActivation::Sigmoid),
+            },
             post_pooling_layer_norm: entry.post_pooling_layer_norm,
             normalize: entry.normalize,
             prompts: entry.prompts.into_iter().collect(),

@@ -70,6 +70,32 @@ impl ModelConfig {
         }
     }
 
+    /// Whether `architectures` names a sequence-classification head (`BertForSequenceClassification`): a
+    /// cross-encoder, as sentence-transformers' `CrossEncoder` saves one.
+    pub fn is_sequence_classifier(&self) -> bool {
+        self.json["architectures"][0]
+            .as_str()
+            .is_some_and(|class| class.ends_with("ForSequenceClassification"))
+    }
+
+    /// The classifier's label names in id order, as transformers counts them: `id2label`, else
+    /// `num_labels` unnamed labels, else its default of two.
+    pub fn labels(&self) -> Vec<String> {
+        if let Some(names) = self.json["id2label"].as_object() {
+            let mut labels: Vec<(u64, String)> = names
+                .iter()
+                .map(|(id, name)| {
+                    let name = name.as_str().map_or_else(|| name.to_string(), String::from);
+                    (id.parse().unwrap_or(u64::MAX), name)
+                })
+                .collect();
+            labels.sort();
+            return labels.into_iter().map(|(_, name)| name).collect();
+        }
+        let count = self.json["num_labels"].as_u64().unwrap_or(2);
+        (0..count).map(|i| format!("LABEL_{i}")).collect()
+    }
+
     /// How many positions the weights can place.
     pub fn positions(&self) -> Result<usize, ModelError> {
         match self.architecture {
@@ -128,6 +154,23 @@ mod tests {
                 .message;
             assert!(error.contains(says), "{model_type}: {error}");
         }
+    }
+
+    #[test]
+    fn labels_count_as_transformers_counts_them() {
+        let named = parse(serde_json::json!({
+            "model_type": "bert",
+            "architectures": ["BertForSequenceClassification"],
+            "id2label": {"1": "entailment", "0": "contradiction", "2": "neutral"}
+        }))
+        .unwrap();
+        assert!(named.is_sequence_classifier());
+        assert_eq!(named.labels(), ["contradiction", "entailment", "neutral"]);
+        let counted = parse(serde_json::json!({"model_type": "bert", "num_labels": 1})).unwrap();
+        assert_eq!(counted.labels(), ["LABEL_0"]);
+        assert!(!counted.is_sequence_classifier());
+        let default = parse(serde_json::json!({"model_type": "bert"})).unwrap();
+        assert_eq!(default.labels().len(), 2);
     }
 
     #[test]

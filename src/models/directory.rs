@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::catalog::{self, ModelSpec, Pooling};
+use super::catalog::{self, Architecture, ModelSpec, Pooling, ScoreActivation, Task};
 use super::config::ModelConfig;
 use super::ModelError;
 
@@ -60,9 +60,13 @@ pub fn spec(dir: &Path, name: &str, pooling: Option<Pooling>) -> Result<ModelSpe
     let width = config.width()?;
     let positions = config.positions()?;
 
-    let (pooling, normalize) = match files.json_if_present("modules.json")? {
-        Some(modules) => read_modules(&files, &modules, width)?,
-        None => match pooling {
+    let modules = files.json_if_present("modules.json")?;
+    let reranker = is_cross_encoder(&files, modules.as_ref(), &config)?;
+    let (pooling, normalize) = match (&modules, reranker) {
+        // BertForSequenceClassification reads the [CLS] state (through its pooler).
+        (_, true) => (Pooling::Cls, false),
+        (Some(modules), false) => read_modules(&files, modules, width)?,
+        (None, false) => match pooling {
             Some(pooling) => (pooling, false),
             None => {
                 return Err(ModelError::new(format!(
@@ -107,12 +111,22 @@ pub fn spec(dir: &Path, name: &str, pooling: Option<Pooling>) -> Result<ModelSpe
             .map(|n| n as usize),
     };
     let max_tokens = max_length.unwrap_or(positions).min(positions);
-    if max_tokens < 2 {
+    // A pair needs [CLS] and two [SEP]s, a single text [CLS] and [SEP].
+    let framing = if reranker { 3 } else { 2 };
+    if max_tokens < framing {
         return Err(ModelError::new(format!(
-            "{}: a maximum length of {max_tokens} tokens leaves no room for [CLS] and [SEP]",
+            "{}: a maximum length of {max_tokens} tokens leaves no room for the {framing} special tokens",
             files.0.display()
         )));
     }
+    let (task, activation) = if reranker {
+        (
+            Task::Rerank,
+            cross_encoder_activation(&files, &config, st_config.activation_fn.as_deref())?,
+        )
+    } else {
+        (Task::Embed, ScoreActivation::Identity)
+    };
 
     Ok(ModelSpec {
         name: name.to_string(),
@@ -122,6 +136,8 @@ pub fn spec(dir: &Path, name: &str, pooling: Option<Pooling>) -> Result<ModelSpe
         matryoshka_dims: Vec::new(),
         max_tokens,
         pooling,
+        task,
+        activation,
         post_pooling_layer_norm: false,
         normalize,
         prompts,
@@ -215,6 +231,9 @@ struct StConfig {
     prompts: BTreeMap<String, String>,
     #[serde(default)]
     default_prompt_name: Option<String>,
+    /// A cross-encoder's score function, as a dotted path (`torch.nn.modules.activation.Sigmoid`).
+    #[serde(default)]
+    activation_fn: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -223,6 +242,9 @@ struct SentenceBertConfig {
     max_seq_length: Option<usize>,
     #[serde(default)]
     do_lower_case: bool,
+    /// sentence-transformers >= 6: `"sequence-classification"` for a cross-encoder's Transformer.
+    #[serde(default)]
+    transformer_task: Option<String>,
 }
 
 /// The files of one model directory.
@@ -266,6 +288,106 @@ impl Files {
             ))
         })
     }
+}
+
+/// Whether the directory is a cross-encoder (reranker): in the layout sentence-transformers >= 6 writes,
+/// `modules.json` with the Transformer alone (its `sentence_bert_config.json` says
+/// `"transformer_task": "sequence-classification"`); in the older layouts (sentence-transformers < 6, or
+/// transformers alone), no `modules.json` and a `config.json` whose `architectures` names
+/// `…ForSequenceClassification`. It must be a BERT (`Model::load` checks that it has one label).
+fn is_cross_encoder(
+    files: &Files,
+    modules: Option<&Value>,
+    config: &ModelConfig,
+) -> Result<bool, ModelError> {
+    let cross_encoder = match modules {
+        None => config.is_sequence_classifier(),
+        Some(modules) => {
+            let modules: Vec<Module> = files.typed("modules.json", modules.clone())?;
+            let alone = matches!(modules.as_slice(), [m] if m.kind.rsplit('.').next() == Some("Transformer"));
+            if !alone {
+                return Ok(false);
+            }
+            let task = files
+                .json_if_present("sentence_bert_config.json")?
+                .map(|v| files.typed::<SentenceBertConfig>("sentence_bert_config.json", v))
+                .transpose()?
+                .and_then(|c| c.transformer_task);
+            if task.as_deref() != Some("sequence-classification")
+                && !config.is_sequence_classifier()
+            {
+                return Err(ModelError::new(format!(
+                    "{}: the pipeline is a Transformer alone, which is neither an embedding model (it needs a \
+                     Pooling module) nor a cross-encoder (config.json's architectures would name \
+                     …ForSequenceClassification)",
+                    files.path("modules.json").display()
+                )));
+            }
+            true
+        }
+    };
+    if !cross_encoder {
+        return Ok(false);
+    }
+    if config.architecture != Architecture::Bert {
+        return Err(ModelError::new(format!(
+            "{}: a {} cross-encoder is not supported; rerankers run on BERT",
+            files.0.display(),
+            config.architecture.model_type()
+        )));
+    }
+    Ok(true)
+}
+
+/// A cross-encoder's score function, found where sentence-transformers' `CrossEncoder` looks, in its order:
+/// `config_sentence_transformers.json` `activation_fn`, then `config.json` `sentence_transformers.activation_fn`
+/// (sentence-transformers 4 and 5), else `config.json` `sbert_ce_default_activation_function` (before 4),
+/// else Sigmoid (for one label). Like `CrossEncoder` without `trust_remote_code`, a path outside `torch.`
+/// is ignored with a warning.
+fn cross_encoder_activation(
+    files: &Files,
+    config: &ModelConfig,
+    from_st_config: Option<&str>,
+) -> Result<ScoreActivation, ModelError> {
+    let resolve = |path: &str, file: &str| -> Result<Option<ScoreActivation>, ModelError> {
+        if !path.starts_with("torch.") {
+            eprintln!(
+                "warning: {}: activation {path:?} is not a torch function; sentence-transformers ignores it \
+                 without trust_remote_code, and so does this server (the default applies)",
+                files.path(file).display()
+            );
+            return Ok(None);
+        }
+        ScoreActivation::from_torch_path(path)
+            .map(Some)
+            .ok_or_else(|| {
+                ModelError::new(format!(
+                    "{}: activation {path:?} is not supported ({} are)",
+                    files.path(file).display(),
+                    ScoreActivation::ALL
+                        .map(ScoreActivation::torch_class)
+                        .join(", ")
+                ))
+            })
+    };
+    if let Some(path) = from_st_config {
+        if let Some(activation) = resolve(path, "config_sentence_transformers.json")? {
+            return Ok(activation);
+        }
+    }
+    let json = config.json();
+    let path = match json["sentence_transformers"].get("activation_fn") {
+        Some(value) => value.as_str(),
+        None => json["sbert_ce_default_activation_function"].as_str(),
+    };
+    if let Some(activation) = path
+        .map(|p| resolve(p, "config.json"))
+        .transpose()?
+        .flatten()
+    {
+        return Ok(activation);
+    }
+    Ok(ScoreActivation::Sigmoid)
 }
 
 /// Transformer → Pooling → optional Normalize; returns the pooling mode and whether vectors are normalised.
@@ -403,6 +525,41 @@ pub fn sentence_transformers_files(spec: &ModelSpec) -> Option<Vec<(String, Stri
     if spec.post_pooling_layer_norm {
         return None;
     }
+    let pretty = |v: &Value| serde_json::to_string_pretty(v).expect("JSON values serialise");
+    let prompts: BTreeMap<&str, &str> = spec
+        .prompts
+        .iter()
+        .map(|(task, prefix)| (task.as_str(), prefix.as_str()))
+        .collect();
+    if spec.task == Task::Rerank {
+        // The layout sentence-transformers >= 6 writes for a CrossEncoder: the only one where it reads the
+        // activation and the maximum length from files beside a config.json that says neither.
+        let modules = json!([{"idx": 0, "name": "0", "path": "",
+            "type": "sentence_transformers.base.modules.transformer.Transformer"}]);
+        let bert_config = json!({
+            "transformer_task": "sequence-classification",
+            "modality_config": {"text": {"method": "forward", "method_output_name": "logits"}},
+            "module_output_name": "scores",
+            "max_seq_length": spec.max_tokens,
+        });
+        let st_config = json!({
+            "model_type": "CrossEncoder",
+            "activation_fn": spec.activation.torch_path(),
+            "prompts": prompts,
+            "default_prompt_name": spec.default_prompt_name,
+        });
+        return Some(vec![
+            ("modules.json".to_string(), pretty(&modules)),
+            (
+                "sentence_bert_config.json".to_string(),
+                pretty(&bert_config),
+            ),
+            (
+                "config_sentence_transformers.json".to_string(),
+                pretty(&st_config),
+            ),
+        ]);
+    }
     let mut modules = vec![
         json!({"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}),
         json!({"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}),
@@ -423,17 +580,11 @@ pub fn sentence_transformers_files(spec: &ModelSpec) -> Option<Vec<(String, Stri
         "pooling_mode_lasttoken": false,
         "include_prompt": true,
     });
-    let prompts: BTreeMap<&str, &str> = spec
-        .prompts
-        .iter()
-        .map(|(task, prefix)| (task.as_str(), prefix.as_str()))
-        .collect();
     let st_config = json!({
         "prompts": prompts,
         "default_prompt_name": spec.default_prompt_name,
         "similarity_fn_name": "cosine",
     });
-    let pretty = |v: &Value| serde_json::to_string_pretty(v).expect("JSON values serialise");
     files.extend([
         ("modules.json".to_string(), pretty(&Value::Array(modules))),
         ("1_Pooling/config.json".to_string(), pretty(&pooling)),

@@ -73,6 +73,95 @@ impl fmt::Display for Pooling {
     }
 }
 
+/// What a model gives the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Task {
+    /// A vector per text (a sentence-transformers bi-encoder): `/v1/embeddings`.
+    #[default]
+    Embed,
+    /// A relevance score per (query, document) pair (a cross-encoder, `BertForSequenceClassification` with
+    /// one label): `/v1/rerank` and `/rerank`.
+    Rerank,
+}
+
+impl Task {
+    /// The name on the model card (`"task"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Task::Embed => "embed",
+            Task::Rerank => "rerank",
+        }
+    }
+}
+
+/// The function a cross-encoder applies to its logit to give the score, as sentence-transformers'
+/// `CrossEncoder` names it (`activation_fn`: a `torch.nn` module, instantiated without arguments).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScoreActivation {
+    Identity,
+    Sigmoid,
+    Tanh,
+    #[serde(rename = "relu")]
+    ReLu,
+    /// Over the labels; of one logit, always 1.
+    Softmax,
+    LogSigmoid,
+    Softplus,
+    /// The exact (erf) form, `torch.nn.GELU()`'s default.
+    Gelu,
+    Silu,
+}
+
+impl ScoreActivation {
+    pub const ALL: [ScoreActivation; 9] = [
+        ScoreActivation::Identity,
+        ScoreActivation::Sigmoid,
+        ScoreActivation::Tanh,
+        ScoreActivation::ReLu,
+        ScoreActivation::Softmax,
+        ScoreActivation::LogSigmoid,
+        ScoreActivation::Softplus,
+        ScoreActivation::Gelu,
+        ScoreActivation::Silu,
+    ];
+
+    /// The `torch.nn` class, as the last part of the dotted path sentence-transformers saves
+    /// (`torch.nn.modules.activation.Sigmoid`, `torch.nn.modules.linear.Identity`).
+    pub fn torch_class(self) -> &'static str {
+        match self {
+            ScoreActivation::Identity => "Identity",
+            ScoreActivation::Sigmoid => "Sigmoid",
+            ScoreActivation::Tanh => "Tanh",
+            ScoreActivation::ReLu => "ReLU",
+            ScoreActivation::Softmax => "Softmax",
+            ScoreActivation::LogSigmoid => "LogSigmoid",
+            ScoreActivation::Softplus => "Softplus",
+            ScoreActivation::Gelu => "GELU",
+            ScoreActivation::Silu => "SiLU",
+        }
+    }
+
+    /// The dotted path sentence-transformers saves for it (`activation_fn`).
+    pub fn torch_path(self) -> String {
+        let module = match self {
+            ScoreActivation::Identity => "linear",
+            _ => "activation",
+        };
+        format!("torch.nn.modules.{module}.{}", self.torch_class())
+    }
+
+    /// The activation a dotted `torch.nn` path names, e.g. `torch.nn.modules.activation.Sigmoid` or
+    /// `torch.nn.Sigmoid`.
+    pub fn from_torch_path(path: &str) -> Option<ScoreActivation> {
+        let class = path.rsplit('.').next()?;
+        ScoreActivation::ALL
+            .into_iter()
+            .find(|a| a.torch_class() == class)
+    }
+}
+
 /// The whole of `assets/models.json`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -100,7 +189,15 @@ pub struct Entry {
     pub matryoshka_dims: Vec<usize>,
     /// The longest input the model sees, [CLS] and [SEP] included.
     pub max_tokens: usize,
+    /// For a reranker: `cls` (its classifier reads the [CLS] state).
     pub pooling: Pooling,
+    /// `embed` (the default) or `rerank`.
+    #[serde(default)]
+    pub task: Task,
+    /// A reranker's score function (sentence-transformers' `activation_fn`); default `sigmoid`, as
+    /// `CrossEncoder` has for a one-label model.
+    #[serde(default)]
+    pub activation: Option<ScoreActivation>,
     /// nomic-embed-text-v1.5: a layer norm without affine parameters between pooling and truncation.
     #[serde(default)]
     pub post_pooling_layer_norm: bool,
@@ -207,6 +304,24 @@ impl Entry {
                 ));
             }
         }
+        match self.task {
+            Task::Embed if self.activation.is_some() => {
+                return Err("field `activation` is for rerankers (\"task\": \"rerank\") only".into())
+            }
+            Task::Rerank
+                if self.pooling != Pooling::Cls
+                    || self.normalize
+                    || self.post_pooling_layer_norm
+                    || !self.matryoshka_dims.is_empty()
+                    || self.architecture != Architecture::Bert =>
+            {
+                return Err("field `task`: a reranker is a BERT cross-encoder whose classifier reads the [CLS] \
+                     state: `architecture` bert, `pooling` cls, `normalize` and `post_pooling_layer_norm` false, \
+                     no `matryoshka_dims`"
+                    .into())
+            }
+            _ => {}
+        }
         if !self.embedded.starts_with("feature:") && self.embedded != "default" {
             return Err(format!(
                 "field `embedded`: {:?} is neither \"default\" nor \"feature:NAME\"",
@@ -283,6 +398,43 @@ mod tests {
             (Pooling::Cls, Architecture::Bert, 8)
         );
         assert!(e.prompts.is_empty() && e.matryoshka_dims.is_empty() && !e.post_pooling_layer_norm);
+    }
+
+    #[test]
+    fn a_reranker_entry_reads_and_must_be_a_bert_cross_encoder() {
+        let mut e = entry();
+        e["task"] = "rerank".into();
+        e["activation"] = "tanh".into();
+        e["normalize"] = false.into();
+        let text = serde_json::json!({ "models": [e.clone()] }).to_string();
+        let entries = Manifest::parse(&text).unwrap().entries().unwrap();
+        assert_eq!(entries[0].task, Task::Rerank);
+        assert_eq!(entries[0].activation, Some(ScoreActivation::Tanh));
+        e["pooling"] = "mean".into();
+        assert!(error_of(e).contains("field `task`"));
+        let mut embedder = entry();
+        embedder["activation"] = "sigmoid".into();
+        assert!(error_of(embedder).contains("field `activation`"));
+        let mut unknown = entry();
+        unknown["task"] = "classify".into();
+        assert!(error_of(unknown).contains("classify"));
+    }
+
+    #[test]
+    fn activations_name_their_torch_modules() {
+        for activation in ScoreActivation::ALL {
+            let path = activation.torch_path();
+            assert_eq!(
+                ScoreActivation::from_torch_path(&path),
+                Some(activation),
+                "{path}"
+            );
+        }
+        assert_eq!(
+            ScoreActivation::from_torch_path("torch.nn.Sigmoid"),
+            Some(ScoreActivation::Sigmoid)
+        );
+        assert_eq!(ScoreActivation::from_torch_path("torch.nn.Hardswish"), None);
     }
 
     #[test]

@@ -11,19 +11,23 @@ pub mod kernels;
 mod manifest;
 mod nomic_bert;
 mod pooling;
+pub mod quantize;
 mod tokenize;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
 use catalog::Architecture;
-pub use catalog::{ModelSpec, Pooling, CATALOG};
+pub use catalog::{ModelSpec, Pooling, ScoreActivation, Task, CATALOG};
 use config::ModelConfig;
 use kernels::LayerNorm;
 pub use kernels::Precision;
+use quantize::{Calibrated, Calibration};
 use tokenize::TextTokenizer;
+pub use tokenize::{TokenSpan, TruncationDirection};
 
 /// What went wrong, and whose fault it was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,12 +86,25 @@ pub enum Input {
 }
 
 /// An input ready for the encoder.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Tokens {
     /// At most the model's maximum, special tokens included.
     pub ids: Vec<u32>,
+    /// For a pair of texts, each token's segment (0 for `[CLS] query [SEP]`, 1 for `document [SEP]`);
+    /// `None` for a single text, all segment 0.
+    pub token_types: Option<Vec<u32>>,
     /// How many tokens the input had before truncation.
     pub untruncated: usize,
+}
+
+impl Tokens {
+    /// The input as the encoder takes it.
+    pub fn sequence(&self) -> Sequence<'_> {
+        Sequence {
+            ids: &self.ids,
+            token_types: self.token_types.as_deref(),
+        }
+    }
 }
 
 /// One input of a batch as the encoder sees it: token ids, and for a pair of texts (a cross-encoder's
@@ -113,14 +130,16 @@ impl<'a> Sequence<'a> {
     }
 }
 
-/// An architecture: token ids in, one pooled (not yet normalised) vector per sequence out.
+/// An architecture: token ids in, one pooled (not yet normalised) vector per sequence out; for a
+/// cross-encoder, its logits.
 pub trait Encoder: Send + Sync {
     /// The longest sequence the weights can position.
     fn max_positions(&self) -> usize;
     fn vocab_size(&self) -> usize;
     /// The arithmetic of the dense layers, chosen at load.
     fn precision(&self) -> Precision;
-    /// Pooled final states, in the order of `batch`. Sequences may differ in length.
+    /// Pooled final states (a cross-encoder: logits), in the order of `batch`. Sequences may differ in
+    /// length.
     fn encode(&self, batch: &[Sequence]) -> Result<Vec<Vec<f32>>, ModelError>;
 }
 
@@ -309,6 +328,8 @@ pub struct Model {
     /// The width of the vectors these weights give: the catalog's `dims`, or less for smaller weights of the
     /// same architecture loaded from a directory (such as a test fixture).
     dims: usize,
+    /// The int8/uint8 ranges, computed at first use.
+    calibration: Calibration,
 }
 
 impl Model {
@@ -337,11 +358,29 @@ impl Model {
         let tokenizer = TextTokenizer::from_bytes(&source.read(spec, "tokenizer.json")?)?;
         let weights = source.read(spec, "model.safetensors")?;
         let width = config.width()?;
+        let labels = match spec.task {
+            Task::Embed => None,
+            Task::Rerank => {
+                let labels = config.labels();
+                if labels.len() != 1 {
+                    return Err(ModelError::new(format!(
+                        "{}/config.json: a classifier with {} labels ({}); a reranker gives one relevance score \
+                         per pair, so this server serves one-label cross-encoders only (sentence-transformers' \
+                         CrossEncoder.rank requires num_labels=1 too)",
+                        spec.name,
+                        labels.len(),
+                        labels.join(", ")
+                    )));
+                }
+                Some(1)
+            }
+        };
         let encoder: Box<dyn Encoder> = match spec.architecture {
             Architecture::Bert => Box::new(bert::Bert::load(
                 &config,
                 &weights,
                 spec.pooling,
+                labels,
                 precision,
             )?),
             Architecture::NomicBert => Box::new(nomic_bert::NomicBert::load(
@@ -357,6 +396,15 @@ impl Model {
                 spec.name, spec.dims
             );
         }
+        // Caught here, an id past the embedding table would otherwise be a 400 blaming the client's text.
+        if tokenizer.vocab_size() > encoder.vocab_size() {
+            return Err(ModelError::new(format!(
+                "{}: tokenizer.json has {} tokens but the model's embedding table only {}: they do not belong together",
+                spec.name,
+                tokenizer.vocab_size(),
+                encoder.vocab_size()
+            )));
+        }
         let max_tokens = spec.max_tokens.min(encoder.max_positions());
         Ok(Model {
             spec: spec.clone(),
@@ -365,6 +413,7 @@ impl Model {
             encoder,
             max_tokens,
             dims: width.min(spec.dims),
+            calibration: Calibration::default(),
         })
     }
 
@@ -398,12 +447,42 @@ impl Model {
     }
 
     /// Tokenises one input, with `prefix` (a task prompt, or "") in front of a text, and cuts it to the
-    /// model's maximum.
-    pub fn tokenize(&self, input: &Input, prefix: &str) -> Result<Tokens, ModelError> {
+    /// model's maximum from the end or the start, keeping its special tokens either way (the tokens
+    /// sentence-transformers keeps with `truncation_side` right or left). Ids must be framed as the model's
+    /// tokenizer frames a text, and are cut the same way.
+    pub fn tokenize(
+        &self,
+        input: &Input,
+        prefix: &str,
+        direction: TruncationDirection,
+    ) -> Result<Tokens, ModelError> {
+        self.tokenize_within(input, prefix, direction, self.max_tokens)
+    }
+
+    /// [`Model::tokenize`], cutting at `limit` tokens (a request's own bound, such as Cohere's
+    /// `max_tokens`) where that is below the model's maximum.
+    pub fn tokenize_within(
+        &self,
+        input: &Input,
+        prefix: &str,
+        direction: TruncationDirection,
+        limit: usize,
+    ) -> Result<Tokens, ModelError> {
+        let limit = limit.min(self.max_tokens);
         let mut ids = match input {
             Input::Text(text) if prefix.is_empty() => self.tokenizer.encode(text)?,
             Input::Text(text) => self.tokenizer.encode(&format!("{prefix}{text}"))?,
             Input::Ids(ids) => {
+                // Ids from another tokenizer (LangChain's OpenAIEmbeddings sends tiktoken's by default) are
+                // numbers this model reads as other words: refused, rather than embedded into nonsense.
+                if let Err(framing) = self.tokenizer.check_framing(ids) {
+                    return Err(ModelError::invalid(format!(
+                        "these token ids are not {}'s: ids from its tokenizer {framing}. Send the text \
+                         instead (LangChain's OpenAIEmbeddings sends OpenAI's token ids unless created with \
+                         check_embedding_ctx_length=False)",
+                        self.spec.name
+                    )));
+                }
                 let vocab = self.encoder.vocab_size();
                 if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
                     return Err(ModelError::invalid(format!(
@@ -415,20 +494,117 @@ impl Model {
             }
         };
         let untruncated = ids.len();
-        match input {
-            Input::Text(_) => self.tokenizer.truncate(&mut ids, self.max_tokens),
-            Input::Ids(_) => ids.truncate(self.max_tokens),
-        }
-        Ok(Tokens { ids, untruncated })
+        // Ids are framed like a text's (checked above), so they are cut like one: the framing stays.
+        self.tokenizer.truncate(&mut ids, limit, direction);
+        Ok(Tokens {
+            ids,
+            token_types: None,
+            untruncated,
+        })
     }
 
-    /// Pooled vectors of full width for a batch of tokenised inputs; `finish` turns each into an embedding.
+    /// A reranker's inputs: `query` (after the model's default prompt, which sentence-transformers puts in
+    /// front of a pair's first text) with each document, as `[CLS] query [SEP] document [SEP]` with token
+    /// types, cut `longest_first` to the model's maximum.
+    pub fn tokenize_pairs(
+        &self,
+        query: &str,
+        documents: &[&str],
+    ) -> Result<Vec<Tokens>, ModelError> {
+        let prompt = self.spec.default_prompt();
+        let query = if prompt.is_empty() {
+            self.tokenizer.encode_plain(query)?
+        } else {
+            self.tokenizer.encode_plain(&format!("{prompt}{query}"))?
+        };
+        documents
+            .iter()
+            .map(|document| {
+                let pair = self
+                    .tokenizer
+                    .encode_pair(&query, document, self.max_tokens)?;
+                Ok(Tokens {
+                    ids: pair.ids,
+                    token_types: Some(pair.token_types),
+                    untruncated: pair.untruncated,
+                })
+            })
+            .collect()
+    }
+
+    /// Every token of `prefix` + `text`, untruncated, with byte offsets into that string; the special tokens
+    /// only if `add_special_tokens`.
+    pub fn token_spans(
+        &self,
+        text: &str,
+        prefix: &str,
+        add_special_tokens: bool,
+    ) -> Result<Vec<TokenSpan>, ModelError> {
+        if prefix.is_empty() {
+            self.tokenizer.spans(text, add_special_tokens)
+        } else {
+            self.tokenizer
+                .spans(&format!("{prefix}{text}"), add_special_tokens)
+        }
+    }
+
+    /// The text of token ids; an id outside the vocabulary is an [`ErrorKind::InvalidInput`].
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, ModelError> {
+        self.tokenizer.decode(ids, skip_special_tokens)
+    }
+
+    /// The int8/uint8 ranges of every width a request can get (see [`Model::allowed_dims`]), from the
+    /// calibration sentences through this model's engine as a request that names no prompt has them embedded
+    /// (the default prompt, if the model has one; cut at the end). Computed on the first call, in fixed
+    /// batches so that they are the same on every run; a concurrent first call waits for that one.
+    pub fn quantization_ranges(&self) -> Result<Arc<Calibrated>, ModelError> {
+        let mut dims = self.allowed_dims();
+        if !dims.contains(&self.dims) {
+            // Weights narrower than the catalog's widths (a test fixture) are served at their own width.
+            dims.push(self.dims);
+        }
+        let mut computed = false;
+        let calibrated = self.calibration.get_or_compute(&dims, |sentences| {
+            computed = true;
+            let tokens = sentences
+                .iter()
+                .map(|s| {
+                    let input = Input::Text(s.to_string());
+                    self.tokenize(
+                        &input,
+                        self.spec.default_prompt(),
+                        TruncationDirection::Right,
+                    )
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let batch: Vec<&[u32]> = tokens.iter().map(|t| t.ids.as_slice()).collect();
+            Ok(self
+                .encode(&batch)?
+                .into_iter()
+                .map(|pooled| {
+                    dims.iter()
+                        .map(|&d| self.finish(pooled.clone(), d))
+                        .collect()
+                })
+                .collect())
+        })?;
+        if computed {
+            eprintln!(
+                "calibrated the int8/uint8 ranges of {} on {} sentences in {:.2} s",
+                self.spec.name, calibrated.sentences, calibrated.seconds
+            );
+        }
+        Ok(calibrated)
+    }
+
+    /// Pooled vectors of full width for a batch of tokenised single texts; `finish` turns each into an
+    /// embedding.
     pub fn encode(&self, batch: &[&[u32]]) -> Result<Vec<Vec<f32>>, ModelError> {
         let sequences: Vec<Sequence> = batch.iter().map(|ids| Sequence::single(ids)).collect();
         self.encode_sequences(&sequences)
     }
 
-    /// [`Model::encode`] for inputs that may carry token types (pairs of texts).
+    /// [`Model::encode`] for inputs that may carry token types (pairs of texts); a reranker's logits.
     pub fn encode_sequences(&self, batch: &[Sequence]) -> Result<Vec<Vec<f32>>, ModelError> {
         let pooled = self.encoder.encode(batch)?;
         if pooled.iter().flatten().any(|x| !x.is_finite()) {
@@ -444,12 +620,55 @@ impl Model {
         pooling::finish(&self.spec, pooled, dims)
     }
 
+    /// A reranker's score from its logits (one label): the model's activation of the logit.
+    pub fn score(&self, logits: &[f32]) -> f32 {
+        pooling::score(self.spec.activation, logits)
+    }
+
+    /// Tokenise, encode and score `query` against each document in one call: `(score, logit)` per
+    /// document, in order, what sentence-transformers' `CrossEncoder.predict` gives (with and without its
+    /// activation).
+    pub fn rerank(&self, query: &str, documents: &[&str]) -> Result<Vec<(f32, f32)>, ModelError> {
+        if self.spec.task != Task::Rerank {
+            return Err(ModelError::invalid(format!(
+                "{} is an embedding model, not a reranker: it gives vectors, not scores of pairs",
+                self.spec.name
+            )));
+        }
+        let tokens = self.tokenize_pairs(query, documents)?;
+        let batch: Vec<Sequence> = tokens.iter().map(Tokens::sequence).collect();
+        let logits = self.encode_sequences(&batch)?;
+        Ok(logits
+            .iter()
+            .map(|l| (self.score(l), l.first().copied().unwrap_or(0.0)))
+            .collect())
+    }
+
+    /// [`Model::finish`] without the final L2 normalisation (for a model that has one): the v1.5 layer
+    /// norm and the cut to `dims` still apply.
+    pub fn finish_unnormalized(&self, pooled: Vec<f32>, dims: usize) -> Vec<f32> {
+        pooling::finish_unnormalized(&self.spec, pooled, dims)
+    }
+
     /// Tokenise (with the model's default prompt, if it has one), encode and finish in one call, at full
     /// width: what sentence-transformers' `encode` gives.
     pub fn embed(&self, inputs: &[Input]) -> Result<Vec<Vec<f32>>, ModelError> {
+        if self.spec.task == Task::Rerank {
+            return Err(ModelError::invalid(format!(
+                "{} is a reranker (a cross-encoder): it scores (query, document) pairs (`/v1/rerank`) and \
+                 gives no embeddings",
+                self.spec.name
+            )));
+        }
         let tokens = inputs
             .iter()
-            .map(|input| self.tokenize(input, self.spec.default_prompt()))
+            .map(|input| {
+                self.tokenize(
+                    input,
+                    self.spec.default_prompt(),
+                    TruncationDirection::Right,
+                )
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let batch: Vec<&[u32]> = tokens.iter().map(|t| t.ids.as_slice()).collect();
         let pooled = self.encode(&batch)?;

@@ -1,10 +1,12 @@
 //! The API's request and response bodies: parsing `/v1/embeddings` and `/v1/encode` requests into plain
-//! values, and writing the JSON the clients expect. No tensors here, and no sockets.
+//! values, and writing the JSON the clients expect; also the pieces every dialect reads and writes JSON
+//! with (a body as an object, typed fields, inputs, float vectors). No tensors here, and no sockets.
 
 use serde_json::{json, Map, Value};
 
 use super::errors::{excerpt, ApiError};
-use crate::models::{Input, Model, Source};
+use crate::models::quantize::{Calibrated, Compact, Precision};
+use crate::models::{Input, Model, ModelSpec, Source, Task, TruncationDirection};
 
 /// Which of the two embedding APIs a request came through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,6 +22,8 @@ pub enum EncodingFormat {
     Float,
     /// Little-endian f32, base64-encoded, as OpenAI sends it.
     Base64,
+    /// Integers, as sentence-transformers' `quantize_embeddings` gives them.
+    Compact(Precision),
 }
 
 /// A parsed embedding request.
@@ -33,11 +37,33 @@ pub struct EmbedRequest {
     pub task: Option<String>,
     /// `Some(false)`: refuse over-long inputs instead of truncating them.
     pub truncate: Option<bool>,
+    /// Which end truncation cuts off.
+    pub truncation_direction: TruncationDirection,
 }
 
-/// The deepest JSON nesting a valid request can have is 3 (`{"input": [[1, 2]]}`); serde_json stops at
-/// 128 on its own, which keeps a hostile body from exhausting the stack.
-pub fn parse_embed_request(body: &[u8]) -> Result<EmbedRequest, ApiError> {
+/// Refuses a body that is not declared as JSON (415), as every embedding route but Ollama's does.
+pub fn require_json(content_type: Option<&str>) -> Result<(), ApiError> {
+    let media = content_type.map(|c| {
+        c.split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase()
+    });
+    if media
+        .as_deref()
+        .is_some_and(|m| m == "application/json" || m.ends_with("+json"))
+    {
+        Ok(())
+    } else {
+        Err(ApiError::unsupported_media_type(content_type.unwrap_or("")))
+    }
+}
+
+/// The body as a JSON object; `example` is shown to a client that sent something else. The deepest
+/// nesting a valid request can have is 3 (`{"input": [[1, 2]]}`); serde_json stops at 128 on its own,
+/// which keeps a hostile body from exhausting the stack.
+pub fn json_object(body: &[u8], example: &str) -> Result<Map<String, Value>, ApiError> {
     let text = std::str::from_utf8(body).map_err(|e| {
         ApiError::invalid(format!(
             "The body is not valid UTF-8 (at byte {}).",
@@ -45,68 +71,123 @@ pub fn parse_embed_request(body: &[u8]) -> Result<EmbedRequest, ApiError> {
         ))
     })?;
     if text.trim().is_empty() {
-        return Err(ApiError::invalid(
-            "The body is empty; send a JSON object such as {\"input\": [\"text\"]}.",
-        ));
+        return Err(ApiError::invalid(format!(
+            "The body is empty; send a JSON object such as {example}."
+        )));
     }
     let value: Value = serde_json::from_str(text)
         .map_err(|e| ApiError::invalid(format!("The body is not valid JSON: {e}.")))?;
-    let Value::Object(fields) = value else {
-        return Err(ApiError::invalid(
-            "The body must be a JSON object such as {\"input\": [\"text\"]}.",
-        ));
-    };
+    match value {
+        Value::Object(fields) => Ok(fields),
+        _ => Err(ApiError::invalid(format!(
+            "The body must be a JSON object such as {example}."
+        ))),
+    }
+}
+
+/// The prefix of a task prompt (`"search_query: "`): the model's default prompt (often "") when the
+/// request names none, as sentence-transformers does; a 400 about `param` (the field the client named it
+/// in) naming the known tasks for a task the model does not know.
+pub fn prompt_prefix<'a>(
+    spec: &'a ModelSpec,
+    task: Option<&str>,
+    param: &str,
+) -> Result<&'a str, ApiError> {
+    match task {
+        None => Ok(spec.default_prompt()),
+        Some(_) if spec.prompts.is_empty() => Err(ApiError::invalid_param(
+            param,
+            format!("{} takes no task prompts.", spec.name),
+        )),
+        Some(task) => spec.prompt(task).ok_or_else(|| {
+            let tasks: Vec<&str> = spec.prompts.iter().map(|(t, _)| t.as_str()).collect();
+            ApiError::invalid_param(
+                param,
+                format!(
+                    "Unknown task `{}`; {} knows: {}.",
+                    excerpt(task),
+                    spec.name,
+                    tasks.join(", ")
+                ),
+            )
+        }),
+    }
+}
+
+pub fn parse_embed_request(body: &[u8]) -> Result<EmbedRequest, ApiError> {
+    let fields = json_object(body, "{\"input\": [\"text\"]}")?;
     // OpenAI's clients send `user`; nothing reads it, but a non-string is as malformed as anywhere else.
     optional_string(&fields, "user")?;
     Ok(EmbedRequest {
         model: optional_string(&fields, "model")?,
-        inputs: parse_inputs(fields.get("input"))?,
+        inputs: parse_inputs(fields.get("input"), "input")?,
         encoding_format: match optional_string(&fields, "encoding_format")?.as_deref() {
             None | Some("float") => EncodingFormat::Float,
             Some("base64") => EncodingFormat::Base64,
-            Some(other) => {
-                return Err(ApiError::invalid_param(
-                    "encoding_format",
-                    format!(
-                        "encoding_format must be \"float\" or \"base64\", not `{}`.",
-                        excerpt(other)
-                    ),
-                ))
-            }
+            Some(other) => match Precision::from_name(other) {
+                Some(precision) => EncodingFormat::Compact(precision),
+                None => {
+                    return Err(ApiError::invalid_param(
+                        "encoding_format",
+                        format!(
+                            "Unknown encoding_format `{}`; use float, base64, int8, uint8, binary or ubinary.",
+                            excerpt(other)
+                        ),
+                    ))
+                }
+            },
         },
-        dimensions: match fields.get("dimensions") {
-            None | Some(Value::Null) => None,
-            Some(v) => Some(
-                whole_number(v)
-                    .filter(|&d| d > 0)
-                    .map(|d| d as usize)
-                    .ok_or_else(|| {
-                        ApiError::invalid_param(
-                            "dimensions",
-                            "dimensions must be a positive integer.",
-                        )
-                    })?,
-            ),
-        },
+        dimensions: optional_positive(&fields, "dimensions")?,
         task: match optional_string(&fields, "task")? {
             Some(task) => Some(task),
             None => optional_string(&fields, "prompt_name")?,
         },
-        truncate: match fields.get("truncate") {
-            None | Some(Value::Null) => None,
-            Some(Value::Bool(b)) => Some(*b),
-            Some(_) => {
+        truncate: optional_bool(&fields, "truncate")?,
+        truncation_direction: match optional_string(&fields, "truncation_direction")?.as_deref() {
+            None | Some("right" | "Right") => TruncationDirection::Right,
+            Some("left" | "Left") => TruncationDirection::Left,
+            Some(other) => {
                 return Err(ApiError::invalid_param(
-                    "truncate",
-                    "truncate must be true or false.",
+                    "truncation_direction",
+                    format!(
+                        "truncation_direction must be \"right\" (cut the end) or \"left\" (cut the start), not `{}`.",
+                        excerpt(other)
+                    ),
                 ))
             }
         },
     })
 }
 
+pub fn optional_bool(fields: &Map<String, Value>, key: &str) -> Result<Option<bool>, ApiError> {
+    match fields.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(_) => Err(ApiError::invalid_param(
+            key,
+            format!("{key} must be true or false."),
+        )),
+    }
+}
+
+/// A positive integer field such as `dimensions`, also when written as `384.0`.
+pub fn optional_positive(
+    fields: &Map<String, Value>,
+    key: &str,
+) -> Result<Option<usize>, ApiError> {
+    match fields.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => whole_number(v)
+            .filter(|&d| d > 0)
+            .map(|d| Some(d as usize))
+            .ok_or_else(|| {
+                ApiError::invalid_param(key, format!("{key} must be a positive integer."))
+            }),
+    }
+}
+
 /// A non-negative integer, also when written as `3.0`: JSON (and JSON Schema) make no difference.
-fn whole_number(value: &Value) -> Option<u64> {
+pub fn whole_number(value: &Value) -> Option<u64> {
     value.as_u64().or_else(|| {
         value
             .as_f64()
@@ -115,7 +196,7 @@ fn whole_number(value: &Value) -> Option<u64> {
     })
 }
 
-fn optional_string(fields: &Map<String, Value>, key: &str) -> Result<Option<String>, ApiError> {
+pub fn optional_string(fields: &Map<String, Value>, key: &str) -> Result<Option<String>, ApiError> {
     match fields.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
@@ -126,12 +207,13 @@ fn optional_string(fields: &Map<String, Value>, key: &str) -> Result<Option<Stri
     }
 }
 
-/// `input`: a string, an array of strings, an array of token ids, or an array of arrays of token ids.
-fn parse_inputs(input: Option<&Value>) -> Result<Vec<Input>, ApiError> {
+/// The inputs of a request, in the field `field`: a string, an array of strings, an array of token ids, or
+/// an array of arrays of token ids.
+pub fn parse_inputs(input: Option<&Value>, field: &str) -> Result<Vec<Input>, ApiError> {
     let shape_error = || {
         ApiError::invalid_param(
-            "input",
-            "input must be a string, an array of strings, an array of token ids, or an array of arrays of token ids.",
+            field,
+            format!("{field} must be a string, an array of strings, an array of token ids, or an array of arrays of token ids."),
         )
     };
     let token_ids = |items: &[Value]| -> Result<Vec<u32>, ApiError> {
@@ -142,7 +224,7 @@ fn parse_inputs(input: Option<&Value>) -> Result<Vec<Input>, ApiError> {
                     .and_then(|id| u32::try_from(id).ok())
                     .ok_or_else(|| {
                         ApiError::invalid_param(
-                            "input",
+                            field,
                             "token ids must be non-negative integers below 2^32.",
                         )
                     })
@@ -151,13 +233,13 @@ fn parse_inputs(input: Option<&Value>) -> Result<Vec<Input>, ApiError> {
     };
     match input {
         None | Some(Value::Null) => Err(ApiError::invalid_param(
-            "input",
-            "The body lacks \"input\".",
+            field,
+            format!("The body lacks \"{field}\"."),
         )),
         Some(Value::String(text)) => Ok(vec![Input::Text(text.clone())]),
-        Some(Value::Array(items)) if items.is_empty() => Err(ApiError::invalid_param(
-            "input",
-            "input must not be an empty array.",
+        Some(Value::Array(items)) if items.is_empty() => Err(ApiError::empty_input(
+            field,
+            format!("{field} must not be an empty array."),
         )),
         Some(Value::Array(items)) => match &items[0] {
             Value::String(_) => items
@@ -172,8 +254,8 @@ fn parse_inputs(input: Option<&Value>) -> Result<Vec<Input>, ApiError> {
             Value::Array(_) => items
                 .iter()
                 .map(|v| match v {
-                    Value::Array(ids) if ids.is_empty() => Err(ApiError::invalid_param(
-                        "input",
+                    Value::Array(ids) if ids.is_empty() => Err(ApiError::empty_input(
+                        field,
                         "a token id array must not be empty.",
                     )),
                     Value::Array(ids) => Ok(Input::Ids(token_ids(ids)?)),
@@ -186,34 +268,49 @@ fn parse_inputs(input: Option<&Value>) -> Result<Vec<Input>, ApiError> {
     }
 }
 
-/// Writes the embeddings response. `embeddings` are already at the width the client asked for.
+/// Embeddings in the form a client asked for.
+pub enum Vectors {
+    Float(Vec<Vec<f32>>),
+    Base64(Vec<Vec<f32>>),
+    Compact(Vec<Compact>),
+}
+
+impl Vectors {
+    fn len(&self) -> usize {
+        match self {
+            Vectors::Float(v) | Vectors::Base64(v) => v.len(),
+            Vectors::Compact(v) => v.len(),
+        }
+    }
+}
+
+/// Writes the embeddings response. `vectors` are at the width the client asked for, `dims` (reported as
+/// each item's `dims`, also for compact formats, whose arrays may be shorter).
 pub fn embeddings_response(
     model: &str,
-    embeddings: &[Vec<f32>],
-    format: EncodingFormat,
+    vectors: &Vectors,
+    dims: usize,
     prompt_tokens: usize,
 ) -> String {
-    let floats_per_item = embeddings.first().map_or(0, Vec::len);
-    let mut out = String::with_capacity(128 + embeddings.len() * (96 + floats_per_item * 12));
+    let mut out = String::with_capacity(128 + vectors.len() * (96 + dims * 12));
     out.push_str("{\"object\":\"list\",\"model\":");
     out.push_str(&Value::String(model.to_string()).to_string());
     out.push_str(",\"data\":[");
-    for (index, embedding) in embeddings.iter().enumerate() {
+    for index in 0..vectors.len() {
         if index > 0 {
             out.push(',');
         }
         out.push_str(&format!(
-            "{{\"object\":\"embedding\",\"index\":{index},\"dims\":{},\"embedding\":",
-            embedding.len()
+            "{{\"object\":\"embedding\",\"index\":{index},\"dims\":{dims},\"embedding\":"
         ));
-        match format {
-            EncodingFormat::Float => write_floats(&mut out, embedding),
-            EncodingFormat::Base64 => {
+        match vectors {
+            Vectors::Float(v) => write_floats(&mut out, &v[index]),
+            Vectors::Base64(v) => {
                 out.push('"');
-                let bytes: Vec<u8> = embedding.iter().flat_map(|x| x.to_le_bytes()).collect();
-                base64_into(&mut out, &bytes);
+                write_base64_floats(&mut out, &v[index]);
                 out.push('"');
             }
+            Vectors::Compact(v) => write_integers(&mut out, &v[index]),
         }
         out.push('}');
     }
@@ -226,14 +323,51 @@ pub fn embeddings_response(
 }
 
 /// `[x,y,…]` with each float in the shortest form that reads back to the same f32.
-fn write_floats(out: &mut String, values: &[f32]) {
+pub fn write_floats(out: &mut String, values: &[f32]) {
     let mut buffer = Vec::with_capacity(values.len() * 12);
     // Serialising a slice of finite f32 cannot fail; the engine rejects non-finite output before this.
     let _ = serde_json::to_writer(&mut buffer, values);
     out.push_str(std::str::from_utf8(&buffer).unwrap_or("[]"));
 }
 
-pub(super) fn base64_into(out: &mut String, bytes: &[u8]) {
+/// The little-endian bytes of `values`, base64-encoded, as OpenAI and Cohere send float vectors.
+pub fn write_base64_floats(out: &mut String, values: &[f32]) {
+    let bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+    base64_into(out, &bytes);
+}
+
+/// `[[x,…],[y,…]]`.
+pub fn write_vectors(out: &mut String, vectors: &[Vec<f32>]) {
+    out.push('[');
+    for (i, vector) in vectors.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        write_floats(out, vector);
+    }
+    out.push(']');
+}
+
+/// `[1,-2,…]`.
+pub fn write_integers(out: &mut String, compact: &Compact) {
+    use std::fmt::Write as _;
+    out.push('[');
+    let mut first = true;
+    let mut push = |value: i16| {
+        if !first {
+            out.push(',');
+        }
+        first = false;
+        let _ = write!(out, "{value}");
+    };
+    match compact {
+        Compact::Signed(values) => values.iter().for_each(|&v| push(i16::from(v))),
+        Compact::Unsigned(values) => values.iter().for_each(|&v| push(i16::from(v))),
+    }
+    out.push(']');
+}
+
+pub fn base64_into(out: &mut String, bytes: &[u8]) {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     for chunk in bytes.chunks(3) {
         let b = [
@@ -268,7 +402,7 @@ pub fn models_list(names: &[&str]) -> String {
     json!({"object": "list", "data": names}).to_string()
 }
 
-/// `GET /v1/models/{id}`: the model and what was read about it (pooling, normalisation, length, prompts,
+/// `GET /v1/models/{id}`: the model, its task (`embed` or `rerank`) and what was read about it (pooling, normalisation, length, prompts,
 /// where its files are).
 pub fn model_card(model: &Model, created: u64) -> String {
     let spec = &model.spec;
@@ -292,27 +426,73 @@ pub fn model_card(model: &Model, created: u64) -> String {
             Value::from(model.source.model_dir(spec).display().to_string()),
         ),
     };
-    json!({
+    let mut card = json!({
         "id": spec.name,
         "object": "model",
         "created": created,
         "owned_by": owner,
-        "dims": model.dims(),
-        "dimensions": model.allowed_dims(),
-        "matryoshka": !spec.matryoshka_dims.is_empty(),
+        "task": spec.task.name(),
         "max_tokens": model.max_tokens(),
         "tasks": tasks,
         "prompts": prompts,
         "default_prompt_name": spec.default_prompt_name,
-        "pooling": spec.pooling.name(),
         "precision": model.precision().name(),
         "architecture": format!("{:?}", spec.architecture),
         "revision": revision,
-        "normalized": spec.normalize,
         "source": source,
         "directory": directory,
+    });
+    match spec.task {
+        Task::Embed => {
+            card["dims"] = json!(model.dims());
+            card["dimensions"] = json!(model.allowed_dims());
+            card["matryoshka"] = json!(!spec.matryoshka_dims.is_empty());
+            card["pooling"] = json!(spec.pooling.name());
+            card["normalized"] = json!(spec.normalize);
+            card["encoding_formats"] = json!(encoding_formats());
+        }
+        Task::Rerank => {
+            // A reranker's default prompt goes in front of the query; there is no `task` to choose one by.
+            card["activation"] = json!(spec.activation.torch_class());
+        }
+    }
+    card.to_string()
+}
+
+fn encoding_formats() -> Vec<&'static str> {
+    ["float", "base64"]
+        .into_iter()
+        .chain(Precision::ALL.map(Precision::name))
+        .collect()
+}
+
+/// `GET /v1/models/{id}/quantization`: the int8/uint8 ranges of each width, in the form
+/// `quantize_embeddings(..., ranges=np.array([min, max], dtype=np.float32))` takes; each value the shortest
+/// decimal that reads back as the same f32.
+pub fn quantization_card(model: &Model, calibrated: &Calibrated) -> String {
+    let mut out = json!({
+        "object": "quantization",
+        "model": model.spec.name,
+        "calibration": {
+            "sentences": calibrated.sentences,
+            "sha256": calibrated.sha256,
+        },
     })
-    .to_string()
+    .to_string();
+    out.pop();
+    out.push_str(",\"ranges\":[");
+    for (i, (dims, ranges)) in calibrated.ranges.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&format!("{{\"dimensions\":{dims},\"min\":"));
+        write_floats(&mut out, &ranges.min);
+        out.push_str(",\"max\":");
+        write_floats(&mut out, &ranges.max);
+        out.push('}');
+    }
+    out.push_str("]}");
+    out
 }
 
 #[cfg(test)]

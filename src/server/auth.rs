@@ -1,6 +1,6 @@
-//! API keys: `Authorization: Bearer <key>` on every route but /health, the page at / (which holds no
-//! data; it asks for the key when the API answers 401) and /metrics unless `--metrics-auth`. Keys are
-//! compared in constant time and never logged.
+//! API keys: `Authorization: Bearer <key>` on every route but /health, the page at `GET /` (which holds
+//! no data; it asks for the key when the API answers 401; `POST /` embeds and needs the key) and /metrics
+//! unless `--metrics-auth`. Keys are compared in constant time and never logged.
 
 use super::errors::ApiError;
 
@@ -36,10 +36,15 @@ impl Auth {
         !self.keys.is_empty()
     }
 
-    /// Checks the request's Authorization header for `path`.
-    pub fn check(&self, path: &str, authorization: Option<&str>) -> Result<(), ApiError> {
+    /// Checks the request's Authorization header for `method` on `path`.
+    pub fn check(
+        &self,
+        method: &str,
+        path: &str,
+        authorization: Option<&str>,
+    ) -> Result<(), ApiError> {
         let public = path == "/health"
-            || path == "/"
+            || (path == "/" && method == "GET")
             || (!self.protect_metrics && (path == "/metrics" || path == "/metrics/"));
         if !self.enabled() || public {
             return Ok(());
@@ -84,23 +89,36 @@ mod tests {
     #[test]
     fn keys_guard_everything_but_health_the_page_and_by_default_metrics() {
         let auth = Auth::new(&["k1".into(), "k2".into()], &[], false).unwrap();
-        assert!(auth.check("/v1/embeddings", Some("Bearer k2")).is_ok());
+        assert!(auth
+            .check("POST", "/v1/embeddings", Some("Bearer k2"))
+            .is_ok());
         assert_eq!(
-            auth.check("/v1/embeddings", Some("Bearer k3"))
+            auth.check("POST", "/v1/embeddings", Some("Bearer k3"))
                 .unwrap_err()
                 .status,
             401
         );
-        assert_eq!(auth.check("/v1/models", None).unwrap_err().status, 401);
-        assert!(auth.check("/health", None).is_ok());
-        assert!(auth.check("/", None).is_ok());
-        assert_eq!(auth.check("/index.html", None).unwrap_err().status, 401);
-        assert!(auth.check("/metrics", None).is_ok());
+        assert_eq!(
+            auth.check("GET", "/v1/models", None).unwrap_err().status,
+            401
+        );
+        assert!(auth.check("GET", "/health", None).is_ok());
+        assert!(auth.check("GET", "/", None).is_ok());
+        // POST / is text-embeddings-inference's embed, not the page.
+        assert_eq!(auth.check("POST", "/", None).unwrap_err().status, 401);
+        assert_eq!(
+            auth.check("GET", "/index.html", None).unwrap_err().status,
+            401
+        );
+        assert!(auth.check("GET", "/metrics", None).is_ok());
         let strict = Auth::new(&["k1".into()], &[], true).unwrap();
-        assert_eq!(strict.check("/metrics", None).unwrap_err().status, 401);
+        assert_eq!(
+            strict.check("GET", "/metrics", None).unwrap_err().status,
+            401
+        );
         assert!(Auth::new(&[], &[], false)
             .unwrap()
-            .check("/v1/models", None)
+            .check("GET", "/v1/models", None)
             .is_ok());
     }
 }

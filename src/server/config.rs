@@ -22,6 +22,7 @@ pub struct ServeConfig {
     pub auth: AuthConfig,
     /// `--cors-allow-origin`: the origin browsers may call from; `None` sends no CORS headers.
     pub cors_allow_origin: Option<String>,
+    pub probe: ProbeConfig,
     /// Whether `/` serves the page (`--no-ui` turns it off).
     pub ui: bool,
 }
@@ -30,12 +31,13 @@ pub struct ServeConfig {
 pub struct Limits {
     pub max_body_bytes: u64,
     pub max_inputs: usize,
+    /// The most documents one rerank request may rank.
+    pub max_documents: usize,
+    /// Summed after truncation over a request's inputs, or over a rerank request's pairs.
     pub max_request_tokens: usize,
     /// Whether over-long inputs are cut (the original's behaviour) rather than refused.
     pub truncate: bool,
     pub request_timeout: Duration,
-    /// The longest a client may take to send its body.
-    pub body_timeout: Duration,
 }
 
 /// The front door's protections.
@@ -46,6 +48,10 @@ pub struct DoorConfig {
     pub idle_timeout: Duration,
     /// A request head that takes longer than this closes its connection.
     pub header_timeout: Duration,
+    /// A request body that takes longer than this (after its head) is answered 408.
+    pub body_timeout: Duration,
+    /// The most request bytes the door holds for all clients together; past it, it stops reading.
+    pub max_buffered_bytes: usize,
 }
 
 /// API keys, as given; `auth.rs` reads the files.
@@ -54,4 +60,13 @@ pub struct AuthConfig {
     pub key_files: Vec<String>,
     /// Whether /metrics needs a key too.
     pub protect_metrics: bool,
+}
+
+/// The self-probe that proves the serving path works (see `probe.rs`).
+pub struct ProbeConfig {
+    /// How often the server sends itself a request (shortened to half of a systemd watchdog's interval).
+    pub interval: Duration,
+    /// With no successful probe for this long, the process exits 1 so that a supervisor restarts it;
+    /// zero never exits.
+    pub unhealthy_exit: Duration,
 }

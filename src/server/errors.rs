@@ -1,5 +1,6 @@
-//! The API's errors: OpenAI's nested body `{"error":{"message","type","param","code"}}` with the right
-//! HTTP status, everywhere.
+//! The API's errors: one [`ApiError`] (status, message, field, code, headers) for every route, written as
+//! OpenAI's nested body `{"error":{"message","type","param","code"}}`, except on the routes of another
+//! API's dialect, which write the same error in that API's shape (`dialects::ErrorShape`).
 
 use serde_json::json;
 
@@ -57,6 +58,14 @@ impl ApiError {
         ApiError {
             param: Some(param.to_string()),
             ..ApiError::invalid(message)
+        }
+    }
+
+    /// 400: an empty list of inputs (text-embeddings-inference answers it apart from other mistakes).
+    pub fn empty_input(param: &str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            code: Some("empty_input"),
+            ..ApiError::invalid_param(param, message)
         }
     }
 
@@ -123,6 +132,31 @@ impl ApiError {
                     "The body did not arrive within {} s (or was shorter than its Content-Length).",
                     deadline.as_secs_f64()
                 ),
+            )
+        }
+    }
+
+    /// 431: a request head (request line and headers) over the front door's limit.
+    pub fn head_too_large(bytes: usize, lines: usize) -> ApiError {
+        ApiError {
+            code: Some("request_header_fields_too_large"),
+            ..ApiError::new(
+                431,
+                "invalid_request_error",
+                format!("The request head exceeds {bytes} bytes or {lines} header lines."),
+            )
+        }
+    }
+
+    /// 503 at the connection cap.
+    pub fn too_many_connections() -> ApiError {
+        ApiError {
+            code: Some("too_many_connections"),
+            headers: vec![("Retry-After", "1".into())],
+            ..ApiError::new(
+                503,
+                "server_error",
+                "Too many open connections; retry shortly.",
             )
         }
     }

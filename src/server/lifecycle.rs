@@ -61,22 +61,15 @@ impl Lifecycle {
         self.draining.store(true, Ordering::SeqCst);
     }
 
-    /// Waits until nothing is in flight and nothing new arrived for a moment (requests already read by
-    /// tiny_http but not yet picked up count as arriving), or until `deadline`. Returns what was left.
-    pub fn wait_for_idle(
-        &self,
-        deadline: Duration,
-        quiet: Duration,
-        last_activity: &dyn Fn() -> Instant,
-    ) -> usize {
+    /// Waits until `done` says so, or until `deadline`; returns whether it did.
+    pub fn wait_for(&self, deadline: Duration, done: &dyn Fn() -> bool) -> bool {
         let started = Instant::now();
         loop {
-            let left = self.in_flight();
-            if left == 0 && last_activity().elapsed() >= quiet {
-                return 0;
+            if done() {
+                return true;
             }
             if started.elapsed() >= deadline {
-                return left;
+                return false;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -89,6 +82,14 @@ impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
+}
+
+/// Ends the process with status 1 after one clear log line: the serving path is broken beyond repair, and
+/// a supervisor (systemd's `Restart=on-failure`, Kubernetes) starts a fresh process. Better than a process
+/// that lives on without serving, which nothing would restart.
+pub fn fatal(message: &str) -> ! {
+    eprintln!("fatal: {message}; exiting with status 1 so that a supervisor restarts the server");
+    std::process::exit(1)
 }
 
 /// Raises the soft limit on open files to the hard limit, so that many idle connections cannot exhaust it;

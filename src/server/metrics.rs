@@ -39,6 +39,36 @@ const FAMILIES: &[(&str, &str, &str)] = &[
         "Inputs cut to the model's maximum, by model.",
     ),
     (
+        "embedding_rerank_requests_total",
+        "counter",
+        "Rerank requests answered with 200, by model and API.",
+    ),
+    (
+        "embedding_rerank_pairs_total",
+        "counter",
+        "Query-document pairs scored, by model.",
+    ),
+    (
+        "embedding_rerank_tokens_total",
+        "counter",
+        "Tokens of the pairs scored, after truncation, by model.",
+    ),
+    (
+        "embedding_rerank_truncated_pairs_total",
+        "counter",
+        "Pairs cut to the model's maximum, by model.",
+    ),
+    (
+        "embedding_tokenizer_requests_total",
+        "counter",
+        "Requests to /tokenize and /decode answered with 200, by model and endpoint.",
+    ),
+    (
+        "embedding_tokenizer_tokens_total",
+        "counter",
+        "Tokens listed by /tokenize and ids decoded by /decode, by model and endpoint.",
+    ),
+    (
         "embedding_errors_total",
         "counter",
         "Requests answered with an error, by HTTP status.",
@@ -67,6 +97,21 @@ const FAMILIES: &[(&str, &str, &str)] = &[
         "embedding_batch_tokens",
         "summary",
         "Tokens per engine batch, by model.",
+    ),
+    (
+        "embedding_open_connections",
+        "gauge",
+        "Client connections the front door holds open.",
+    ),
+    (
+        "embedding_buffered_request_bytes",
+        "gauge",
+        "Request bytes the front door holds for clients (bounded by --max-buffered-bytes).",
+    ),
+    (
+        "embedding_waiting_requests",
+        "gauge",
+        "Whole requests waiting in the front door for a free HTTP worker.",
     ),
     (
         "process_resident_memory_bytes",
@@ -179,6 +224,37 @@ impl Metrics {
         self.add("embedding_truncated_inputs_total", &model, truncated as f64);
     }
 
+    /// A successful rerank request.
+    pub fn record_rerank(
+        &self,
+        model: &str,
+        api: &str,
+        pairs: usize,
+        tokens: usize,
+        truncated: usize,
+    ) {
+        self.add(
+            "embedding_rerank_requests_total",
+            &labels(&[("model", model), ("api", api)]),
+            1.0,
+        );
+        let model = labels(&[("model", model)]);
+        self.add("embedding_rerank_pairs_total", &model, pairs as f64);
+        self.add("embedding_rerank_tokens_total", &model, tokens as f64);
+        self.add(
+            "embedding_rerank_truncated_pairs_total",
+            &model,
+            truncated as f64,
+        );
+    }
+
+    /// A successful `/tokenize` or `/decode` request.
+    pub fn record_tokenizer(&self, model: &str, endpoint: &str, tokens: usize) {
+        let labels = labels(&[("model", model), ("endpoint", endpoint)]);
+        self.add("embedding_tokenizer_requests_total", &labels, 1.0);
+        self.add("embedding_tokenizer_tokens_total", &labels, tokens as f64);
+    }
+
     /// The time an embedding request took, whatever its outcome.
     pub fn record_processing(&self, elapsed: Duration) {
         self.add("encode_request_processing_seconds_count", "", 1.0);
@@ -221,6 +297,13 @@ impl Metrics {
         self.add("embedding_batch_inputs_sum", &model, inputs as f64);
         self.add("embedding_batch_tokens_count", &model, 1.0);
         self.add("embedding_batch_tokens_sum", &model, tokens as f64);
+    }
+
+    /// The front door's state, refreshed by it several times a second.
+    pub fn record_door(&self, open: usize, buffered: usize, waiting: usize) {
+        self.set("embedding_open_connections", "", open as f64);
+        self.set("embedding_buffered_request_bytes", "", buffered as f64);
+        self.set("embedding_waiting_requests", "", waiting as f64);
     }
 
     /// The Prometheus text exposition of every sample, process metrics read fresh.

@@ -1,6 +1,6 @@
 //! The service manager's notify protocol (systemd's `sd_notify`): `READY=1` once the models are loaded and
-//! the socket listens, `STOPPING=1` when draining begins, and `WATCHDOG=1` keep-alives when the unit sets
-//! `WatchdogSec=`. Written by hand (a datagram to `$NOTIFY_SOCKET`) rather than linking libsystemd, so the
+//! a request has gone through the socket, `STOPPING=1` when draining begins, and `WATCHDOG=1` after each
+//! successful self-probe when the unit sets `WatchdogSec=`. Written by hand (a datagram to `$NOTIFY_SOCKET`) rather than linking libsystemd, so the
 //! static binary stays static. Without `$NOTIFY_SOCKET` every call does nothing.
 
 use std::os::unix::net::{SocketAddr, UnixDatagram};
@@ -18,27 +18,15 @@ pub fn stopping() {
     send("STOPPING=1");
 }
 
-/// Starts a thread that sends `WATCHDOG=1` every half of `$WATCHDOG_USEC` (half, as systemd recommends, so
-/// that one late wake-up is not fatal); does nothing when the unit has no watchdog or it is meant for
-/// another process.
-pub fn start_watchdog() {
-    let Some(period) = watchdog_period() else {
-        return;
-    };
-    let spawned = std::thread::Builder::new()
-        .name("watchdog".into())
-        .spawn(move || loop {
-            send("WATCHDOG=1");
-            std::thread::sleep(period);
-        });
-    if let Err(e) = spawned {
-        eprintln!(
-            "warning: cannot start the watchdog thread ({e}); the service manager may restart us"
-        );
-    }
+/// Tells the service manager that the server still serves. Called by the self-probe (`probe.rs`) after
+/// each request that went all the way through, never merely because a thread is alive.
+pub fn watchdog() {
+    send("WATCHDOG=1");
 }
 
-fn watchdog_period() -> Option<Duration> {
+/// Half of `$WATCHDOG_USEC` (half, as systemd recommends, so that one late probe is not fatal), when the
+/// unit has a watchdog and it is meant for this process.
+pub fn watchdog_period() -> Option<Duration> {
     let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.trim().parse().ok()?;
     // WATCHDOG_PID names the process the watchdog is for; a child that inherited it must stay quiet.
     if let Ok(pid) = std::env::var("WATCHDOG_PID") {

@@ -1,5 +1,5 @@
-//! The batching queue between the HTTP workers and a model: it gathers tokenised inputs from concurrent
-//! requests into batches bounded by a token budget, takes them round-robin across requests so that a large
+//! The batching queue between the HTTP workers and a model: it gathers tokenised inputs (texts to embed,
+//! or a reranker's query–document pairs) from concurrent requests into batches bounded by a token budget, takes them round-robin across requests so that a large
 //! request cannot starve small ones, runs the engine on one thread, and hands each request its vectors in
 //! its own order. It never waits for a batch to fill: when the engine is idle, whatever is queued runs.
 
@@ -8,7 +8,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::models::{Model, ModelError};
+use crate::models::{Model, ModelError, Sequence, Tokens};
 
 use super::metrics::Metrics;
 
@@ -40,7 +40,7 @@ struct PendingState {
 /// A request as the engine thread sees it.
 struct Entry {
     pending: Arc<Pending>,
-    inputs: Vec<Vec<u32>>,
+    inputs: Vec<Tokens>,
     next: usize,
     enqueued: Instant,
 }
@@ -73,13 +73,13 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl BatchQueue {
-    /// Starts the engine thread of `model`.
+    /// Starts the engine thread of `model`; fails (saying why) when the host allows no more threads.
     pub fn start(
         model: Arc<Model>,
         max_batch_tokens: usize,
         capacity: usize,
         metrics: Arc<Metrics>,
-    ) -> BatchQueue {
+    ) -> Result<BatchQueue, String> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 entries: VecDeque::new(),
@@ -95,18 +95,19 @@ impl BatchQueue {
         std::thread::Builder::new()
             .name(format!("engine-{}", shared.model.spec.name))
             .spawn(move || engine_loop(&engine))
-            .expect("cannot start the engine thread");
-        BatchQueue { shared }
+            .map_err(|e| format!("cannot start the engine thread: {e}"))?;
+        Ok(BatchQueue { shared })
     }
 
     pub fn model(&self) -> &Arc<Model> {
         &self.shared.model
     }
 
-    /// Queues `inputs` and waits for their pooled vectors, in order, for at most `deadline`.
+    /// Queues `inputs` and waits for their pooled vectors (a reranker's logits), in order, for at most
+    /// `deadline`.
     pub fn embed(
         &self,
-        inputs: Vec<Vec<u32>>,
+        inputs: Vec<Tokens>,
         deadline: Duration,
     ) -> Result<Vec<Vec<f32>>, QueueError> {
         let count = inputs.len();
@@ -170,17 +171,19 @@ impl BatchQueue {
 struct Slot {
     pending: Arc<Pending>,
     index: usize,
-    ids: Vec<u32>,
+    tokens: Tokens,
 }
 
 fn engine_loop(shared: &Shared) {
     loop {
         let batch = next_batch(shared);
-        let ids: Vec<&[u32]> = batch.iter().map(|slot| slot.ids.as_slice()).collect();
-        let tokens: usize = ids.iter().map(|s| s.len()).sum();
+        let sequences: Vec<Sequence> = batch.iter().map(|slot| slot.tokens.sequence()).collect();
+        let tokens: usize = sequences.iter().map(|s| s.ids.len()).sum();
         // A panic inside the engine fails this batch, not the thread every later request depends on.
-        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| shared.model.encode(&ids)))
-            .unwrap_or_else(|_| Err(ModelError::internal("the engine panicked")));
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            shared.model.encode_sequences(&sequences)
+        }))
+        .unwrap_or_else(|_| Err(ModelError::internal("the engine panicked")));
         shared
             .metrics
             .record_batch(&shared.model.spec.name, batch.len(), tokens);
@@ -221,13 +224,13 @@ fn next_batch(shared: &Shared) -> Vec<Slot> {
     'fill: loop {
         let mut took = false;
         for entry in state.entries.iter_mut() {
-            let Some(ids) = entry.inputs.get_mut(entry.next) else {
+            let Some(input) = entry.inputs.get_mut(entry.next) else {
                 continue;
             };
-            if !batch.is_empty() && tokens + ids.len() > shared.max_batch_tokens {
+            if !batch.is_empty() && tokens + input.ids.len() > shared.max_batch_tokens {
                 break 'fill;
             }
-            tokens += ids.len();
+            tokens += input.ids.len();
             if entry.next == 0 {
                 shared
                     .metrics
@@ -236,7 +239,7 @@ fn next_batch(shared: &Shared) -> Vec<Slot> {
             batch.push(Slot {
                 pending: Arc::clone(&entry.pending),
                 index: entry.next,
-                ids: std::mem::take(ids),
+                tokens: std::mem::take(input),
             });
             entry.next += 1;
             took = true;

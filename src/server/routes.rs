@@ -5,11 +5,13 @@
 use std::panic::AssertUnwindSafe;
 use std::time::Instant;
 
-use super::api::{self, Api, EmbedRequest};
+use super::api::{self, Api, EmbedRequest, EncodingFormat, Vectors};
+use super::dialects::{cohere, ollama, tei, ErrorShape};
 use super::errors::{excerpt, ApiError};
-use super::queue::QueueError;
-use super::App;
-use crate::models::{ErrorKind, Tokens};
+use super::pipeline::{self, EmbedJob, Embedded, Fields, Prompt};
+use super::rerank::{self, Shape};
+use super::{compact, tokens, App};
+use crate::models::Task;
 
 /// The API's OpenAPI 3.1 document, written by hand and kept true by tests/openapi.rs.
 const OPENAPI: &str = include_str!("../../assets/openapi.json");
@@ -20,6 +22,8 @@ pub struct Incoming<'a> {
     pub path: &'a str,
     pub content_type: Option<&'a str>,
     pub body: &'a [u8],
+    /// The server's own probe (`probe.rs`), marked by the front door.
+    pub probe: bool,
 }
 
 /// A handler's answer.
@@ -34,7 +38,7 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
-    fn json(body: String) -> Outgoing {
+    pub fn json(body: String) -> Outgoing {
         Outgoing {
             status: 200,
             content_type: "application/json",
@@ -45,14 +49,25 @@ impl Outgoing {
         }
     }
 
-    pub fn error(error: ApiError) -> Outgoing {
+    /// An error in the shape of the API `shape` names.
+    pub fn error_as(shape: ErrorShape, error: ApiError) -> Outgoing {
+        let (status, body) = shape.render(&error);
         Outgoing {
-            status: error.status,
+            status,
             content_type: "application/json",
-            body: error.body(),
-            headers: error.headers.clone(),
+            body,
+            headers: error.headers,
             inputs: 0,
             tokens: 0,
+        }
+    }
+
+    /// An embedding answer, counted for the log line.
+    pub fn embeddings(body: String, embedded: &Embedded) -> Outgoing {
+        Outgoing {
+            inputs: embedded.vectors.len(),
+            tokens: embedded.tokens,
+            ..Outgoing::json(body)
         }
     }
 }
@@ -61,9 +76,21 @@ impl Outgoing {
 pub fn handle(app: &App, request: &Incoming) -> Outgoing {
     contain_panics(
         request,
+        error_shape(request.method, request.path),
         || app.metrics.record_panic(),
         || route_request(app, request),
     )
+}
+
+/// The error shape of the row that answers `method` on `path` (with or without its query): of the path's
+/// first row when none takes the method, and OpenAI's for a path the server does not know.
+pub fn error_shape(method: &str, path: &str) -> ErrorShape {
+    let mut rows = rows_for(path).map(|(route, _)| route).peekable();
+    let first = rows.peek().map(|route| route.errors);
+    rows.find(|route| route.methods.contains(&method))
+        .map(|route| route.errors)
+        .or(first)
+        .unwrap_or(ErrorShape::OpenAi)
 }
 
 /// Whether `method` is a CORS preflight this server answers: only with `--cors-allow-origin`. Browsers send
@@ -108,12 +135,13 @@ pub fn with_cors(app: &App, mut outgoing: Outgoing) -> Outgoing {
 
 fn contain_panics(
     request: &Incoming,
+    shape: ErrorShape,
     count_panic: impl FnOnce(),
     handler: impl FnOnce() -> Result<Outgoing, ApiError>,
 ) -> Outgoing {
     match std::panic::catch_unwind(AssertUnwindSafe(handler)) {
         Ok(Ok(outgoing)) => outgoing,
-        Ok(Err(error)) => Outgoing::error(error),
+        Ok(Err(error)) => Outgoing::error_as(shape, error),
         Err(_) => {
             // The panic hook has logged the panic itself; this line ties it to the request.
             eprintln!(
@@ -122,7 +150,7 @@ fn contain_panics(
                 excerpt(request.path)
             );
             count_panic();
-            Outgoing::error(ApiError::internal())
+            Outgoing::error_as(shape, ApiError::internal())
         }
     }
 }
@@ -130,12 +158,17 @@ fn contain_panics(
 /// A handler: the app, the request, and the values of the path's `{...}` segments, in order.
 type Handler = fn(&App, &Incoming, &[&str]) -> Result<Outgoing, ApiError>;
 
-/// One row of the route table: a path, the methods it answers and its handler. In `path`, a `{name}`
-/// segment matches one non-empty path segment; everything else matches exactly.
+/// One row of the route table: a path, the methods it answers, its handler and the shape of its errors.
+/// In `path`, a `{name}` segment matches one non-empty path segment; everything else matches exactly.
 pub struct Route {
     pub path: &'static str,
     pub methods: &'static [&'static str],
     handler: Handler,
+    /// Whose error body the route answers with, whatever goes wrong (401, 405, 413, 500 included).
+    pub errors: ErrorShape,
+    /// An embedding route: the time of each of its requests, failed ones included, counts in the
+    /// original's `encode_request_processing_seconds`.
+    embeds: bool,
 }
 
 const fn route(path: &'static str, methods: &'static [&'static str], handler: Handler) -> Route {
@@ -143,11 +176,33 @@ const fn route(path: &'static str, methods: &'static [&'static str], handler: Ha
         path,
         methods,
         handler,
+        errors: ErrorShape::OpenAi,
+        embeds: false,
+    }
+}
+
+impl Route {
+    /// The same route, as an embedding route.
+    const fn embedding(self) -> Route {
+        Route {
+            embeds: true,
+            ..self
+        }
+    }
+
+    /// The same route, answering its errors in `shape`.
+    const fn speaking(self, shape: ErrorShape) -> Route {
+        Route {
+            errors: shape,
+            ..self
+        }
     }
 }
 
 /// Every route the server answers. The router reads it, and tests/openapi.rs checks it against
-/// `/openapi.json` both ways, so adding a route is one row here, its handler, and its documentation.
+/// `/openapi.json` both ways, so adding a route is one row here, its handler, and its documentation. A
+/// path may have a row per method when the methods belong to different APIs (`GET /` is the page,
+/// `POST /` text-embeddings-inference's embed); a method it has no row for gets 405 naming them all.
 pub const ROUTES: &[Route] = &[
     route("/", &["GET"], page),
     route("/openapi.json", &["GET"], openapi),
@@ -158,12 +213,41 @@ pub const ROUTES: &[Route] = &[
     route("/v1/models", &["GET"], models_list),
     route("/v1/models/", &["GET"], models_list),
     route("/v1/models/{id}", &["GET"], model_card),
-    route("/v1/encode", &["GET", "POST"], encode),
-    route("/v1/encode/", &["GET", "POST"], encode),
-    route("/v1/embeddings", &["POST"], embeddings),
-    route("/v1/embeddings/", &["POST"], embeddings),
-    route("/embeddings", &["POST"], embeddings),
-    route("/embeddings/", &["POST"], embeddings),
+    route("/v1/encode", &["GET", "POST"], encode).embedding(),
+    route("/v1/encode/", &["GET", "POST"], encode).embedding(),
+    route("/v1/embeddings", &["POST"], embeddings).embedding(),
+    route("/v1/embeddings/", &["POST"], embeddings).embedding(),
+    route("/embeddings", &["POST"], embeddings).embedding(),
+    route("/embeddings/", &["POST"], embeddings).embedding(),
+    route("/tokenize", &["POST"], tokens::tokenize),
+    route("/decode", &["POST"], tokens::decode),
+    route("/v1/models/{id}/quantization", &["GET"], quantization),
+    // Ollama.
+    route("/api/embed", &["POST"], ollama::embed)
+        .embedding()
+        .speaking(ErrorShape::Ollama),
+    route("/api/embeddings", &["POST"], ollama::embeddings)
+        .embedding()
+        .speaking(ErrorShape::Ollama),
+    route("/api/tags", &["GET"], ollama::tags).speaking(ErrorShape::Ollama),
+    route("/api/version", &["GET"], ollama::version).speaking(ErrorShape::Ollama),
+    // Cohere (v2).
+    route("/v2/embed", &["POST"], cohere::embed)
+        .embedding()
+        .speaking(ErrorShape::Cohere),
+    // text-embeddings-inference; `POST /` is what `InferenceClient(base_url=…)` calls.
+    route("/", &["POST"], tei::embed)
+        .embedding()
+        .speaking(ErrorShape::Tei),
+    route("/embed", &["POST"], tei::embed)
+        .embedding()
+        .speaking(ErrorShape::Tei),
+    route("/info", &["GET"], tei::info).speaking(ErrorShape::Tei),
+    // Rerankers: the Cohere / Jina shape, also at Cohere's version 2 path (what LangChain's CohereRerank
+    // calls, answering errors as Cohere does there), and text-embeddings-inference's.
+    route("/v1/rerank", &["POST"], rerank_cohere),
+    route("/v2/rerank", &["POST"], rerank_cohere).speaking(ErrorShape::Cohere),
+    route("/rerank", &["POST"], rerank_tei).speaking(ErrorShape::Tei),
 ];
 
 impl Route {
@@ -185,19 +269,43 @@ impl Route {
     }
 }
 
-fn route_request(app: &App, request: &Incoming) -> Result<Outgoing, ApiError> {
-    let path = request.path.split('?').next().unwrap_or("");
-    let (route, params) = ROUTES
+/// The rows of the table that match `path` (with or without its query), with their `{...}` values.
+fn rows_for(path: &str) -> impl Iterator<Item = (&'static Route, Vec<&str>)> {
+    let path = path.split('?').next().unwrap_or("");
+    ROUTES
         .iter()
-        .find_map(|route| route.matches(path).map(|params| (route, params)))
-        .ok_or_else(|| ApiError::not_found(path))?;
-    if !route.methods.contains(&request.method) {
-        return Err(ApiError::method_not_allowed(
-            request.method,
-            &route.methods.join(", "),
+        .filter_map(move |route| route.matches(path).map(|params| (route, params)))
+}
+
+fn route_request(app: &App, request: &Incoming) -> Result<Outgoing, ApiError> {
+    let rows: Vec<_> = rows_for(request.path).collect();
+    if rows.is_empty() {
+        return Err(ApiError::not_found(
+            request.path.split('?').next().unwrap_or(""),
         ));
     }
-    (route.handler)(app, request, &params)
+    match rows
+        .iter()
+        .find(|(route, _)| route.methods.contains(&request.method))
+    {
+        Some((route, params)) if route.embeds => {
+            let started = Instant::now();
+            let result = (route.handler)(app, request, params);
+            app.metrics.record_processing(started.elapsed());
+            result
+        }
+        Some((route, params)) => (route.handler)(app, request, params),
+        None => {
+            let allowed: Vec<&str> = rows
+                .iter()
+                .flat_map(|(route, _)| route.methods.iter().copied())
+                .collect();
+            Err(ApiError::method_not_allowed(
+                request.method,
+                &allowed.join(", "),
+            ))
+        }
+    }
 }
 
 /// With `--no-ui` the page is not there: 404, as for any path the server does not know.
@@ -212,10 +320,18 @@ fn openapi(_: &App, _: &Incoming, _: &[&str]) -> Result<Outgoing, ApiError> {
     Ok(Outgoing::json(OPENAPI.into()))
 }
 
-fn health(app: &App, _: &Incoming, _: &[&str]) -> Result<Outgoing, ApiError> {
+fn health(app: &App, request: &Incoming, _: &[&str]) -> Result<Outgoing, ApiError> {
     if app.lifecycle.draining() {
         // Load balancers take this as the signal to stop sending here.
         return Err(ApiError::unavailable("The server is shutting down."));
+    }
+    // The probe's own request having got here is the success it measures; anyone else hears whether the
+    // probe has been getting through.
+    if !request.probe && !app.health.healthy() {
+        return Err(ApiError::unavailable(format!(
+            "The server's self-probe has not got through for {:.0} s; see the server's log.",
+            app.health.since_success().as_secs_f64()
+        )));
     }
     Ok(Outgoing::json(r#"{"status":"ok"}"#.into()))
 }
@@ -241,6 +357,13 @@ fn model_card(app: &App, _: &Incoming, params: &[&str]) -> Result<Outgoing, ApiE
     Ok(Outgoing::json(api::model_card(model, app.started)))
 }
 
+fn quantization(app: &App, _: &Incoming, params: &[&str]) -> Result<Outgoing, ApiError> {
+    // A reranker gives scores, not vectors: nothing to quantize.
+    let model = app.queue_for(Some(params[0]), Task::Embed)?.model();
+    let calibrated = compact::ranges(model)?;
+    Ok(Outgoing::json(api::quantization_card(model, &calibrated)))
+}
+
 fn encode(app: &App, request: &Incoming, _: &[&str]) -> Result<Outgoing, ApiError> {
     embed(app, Api::Encode, request)
 }
@@ -249,30 +372,16 @@ fn embeddings(app: &App, request: &Incoming, _: &[&str]) -> Result<Outgoing, Api
     embed(app, Api::OpenAi, request)
 }
 
-fn embed(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiError> {
-    let started = Instant::now();
-    let result = embed_inner(app, api, request);
-    app.metrics.record_processing(started.elapsed());
-    result
+fn rerank_cohere(app: &App, request: &Incoming, _: &[&str]) -> Result<Outgoing, ApiError> {
+    rerank::handle(app, Shape::Cohere, request)
 }
 
-fn embed_inner(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiError> {
-    let media = request.content_type.map(|c| {
-        c.split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase()
-    });
-    if !media
-        .as_deref()
-        .is_some_and(|m| m == "application/json" || m.ends_with("+json"))
-    {
-        return Err(ApiError::unsupported_media_type(
-            request.content_type.unwrap_or(""),
-        ));
-    }
-    let body = api::parse_embed_request(request.body)?;
+fn rerank_tei(app: &App, request: &Incoming, _: &[&str]) -> Result<Outgoing, ApiError> {
+    rerank::handle(app, Shape::Tei, request)
+}
+
+fn embed(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiError> {
+    api::require_json(request.content_type)?;
     let EmbedRequest {
         model,
         inputs,
@@ -280,132 +389,49 @@ fn embed_inner(app: &App, api: Api, request: &Incoming) -> Result<Outgoing, ApiE
         dimensions,
         task,
         truncate,
-    } = body;
-    let queue = app.queue(model.as_deref().unwrap_or(&app.default_model))?;
-    let model = queue.model();
-    let spec = &model.spec;
-    let limits = &app.limits;
-
-    if inputs.len() > limits.max_inputs {
-        return Err(ApiError::invalid_param(
-            "input",
-            format!(
-                "{} inputs is more than the limit of {} per request.",
-                inputs.len(),
-                limits.max_inputs
-            ),
-        ));
-    }
-    let dims = match dimensions {
-        None => model.dims(),
-        Some(d) if model.allowed_dims().contains(&d) => d,
-        Some(d) => {
-            let allowed: Vec<String> = model.allowed_dims().iter().map(usize::to_string).collect();
-            return Err(ApiError::invalid_param(
-                "dimensions",
-                format!(
-                    "{} cannot give {d} dimensions; allowed: {}.",
-                    spec.name,
-                    allowed.join(", ")
-                ),
-            ));
-        }
+        truncation_direction,
+    } = api::parse_embed_request(request.body)?;
+    let job = EmbedJob {
+        model,
+        inputs,
+        dimensions,
+        prompt: match task {
+            Some(name) => Prompt::Named {
+                name,
+                field: "task",
+            },
+            None => Prompt::None,
+        },
+        truncate,
+        direction: truncation_direction,
+        max_tokens: None,
+        normalize: true,
+        compact: match encoding_format {
+            EncodingFormat::Compact(precision) => vec![precision],
+            _ => Vec::new(),
+        },
+        api: match api {
+            Api::Encode => "encode",
+            Api::OpenAi => "embeddings",
+        },
+        fields: Fields {
+            input: "input",
+            dimensions: "dimensions",
+            truncate_hint: "\"truncate\": true",
+            compact: "encoding_format",
+        },
     };
-    let prefix = match task.as_deref() {
-        // As sentence-transformers does: the model's default prompt when the request names none.
-        None => spec.default_prompt(),
-        Some(_) if spec.prompts.is_empty() => {
-            return Err(ApiError::invalid_param(
-                "task",
-                format!("{} takes no task prompts.", spec.name),
-            ))
-        }
-        Some(task) => spec.prompt(task).ok_or_else(|| {
-            let tasks: Vec<&str> = spec.prompts.iter().map(|(t, _)| t.as_str()).collect();
-            ApiError::invalid_param(
-                "task",
-                format!(
-                    "Unknown task `{}`; {} knows: {}.",
-                    excerpt(task),
-                    spec.name,
-                    tasks.join(", ")
-                ),
-            )
-        })?,
+    let mut embedded = pipeline::embed(app, job)?;
+    let count = embedded.vectors.len();
+    let vectors = match encoding_format {
+        EncodingFormat::Compact(_) => Vectors::Compact(embedded.compact.pop().unwrap_or_default()),
+        EncodingFormat::Base64 => Vectors::Base64(std::mem::take(&mut embedded.vectors)),
+        EncodingFormat::Float => Vectors::Float(std::mem::take(&mut embedded.vectors)),
     };
-    let truncate = truncate.unwrap_or(limits.truncate);
-
-    let mut tokenized: Vec<Tokens> = Vec::with_capacity(inputs.len());
-    let mut total = 0usize;
-    for (index, input) in inputs.iter().enumerate() {
-        let tokens = model.tokenize(input, prefix).map_err(|e| match e.kind {
-            ErrorKind::InvalidInput => {
-                ApiError::invalid_param("input", format!("input {index}: {e}"))
-            }
-            _ => {
-                eprintln!("error: tokenising input {index} for {}: {e}", spec.name);
-                ApiError::internal()
-            }
-        })?;
-        if !truncate && tokens.untruncated > model.max_tokens() {
-            return Err(ApiError::invalid_param(
-                "input",
-                format!(
-                    "input {index} has {} tokens; {} takes at most {} (send \"truncate\": true to cut it).",
-                    tokens.untruncated,
-                    spec.name,
-                    model.max_tokens()
-                ),
-            ));
-        }
-        total += tokens.ids.len();
-        if total > limits.max_request_tokens {
-            return Err(ApiError::invalid_param(
-                "input",
-                format!(
-                    "The request has more than {} tokens (the limit per request).",
-                    limits.max_request_tokens
-                ),
-            ));
-        }
-        tokenized.push(tokens);
-    }
-    let truncated = tokenized
-        .iter()
-        .filter(|t| t.untruncated > t.ids.len())
-        .count();
-    let ids: Vec<Vec<u32>> = tokenized.into_iter().map(|t| t.ids).collect();
-
-    let pooled = queue
-        .embed(ids, limits.request_timeout)
-        .map_err(|e| match e {
-            QueueError::Full => {
-                ApiError::overloaded(429, "The server's queue is full; retry shortly.", 1)
-            }
-            QueueError::TimedOut => {
-                ApiError::overloaded(503, "The request waited too long for the engine; retry.", 1)
-            }
-            QueueError::Engine(e) if e.kind == ErrorKind::InvalidInput => {
-                ApiError::invalid_param("input", e.message)
-            }
-            QueueError::Engine(e) => {
-                eprintln!("error: the engine failed for {}: {e}", spec.name);
-                ApiError::internal()
-            }
-        })?;
-    let count = pooled.len();
-    let embeddings: Vec<Vec<f32>> = pooled.into_iter().map(|p| model.finish(p, dims)).collect();
-    let api_label = if api == Api::Encode {
-        "encode"
-    } else {
-        "embeddings"
-    };
-    app.metrics
-        .record_request(&spec.name, api_label, count, total, truncated);
-    let body = api::embeddings_response(&spec.name, &embeddings, encoding_format, total);
+    let body = api::embeddings_response(&embedded.model, &vectors, embedded.dims, embedded.tokens);
     Ok(Outgoing {
         inputs: count,
-        tokens: total,
+        tokens: embedded.tokens,
         ..Outgoing::json(body)
     })
 }
@@ -427,14 +453,27 @@ mod tests {
     }
 
     #[test]
-    fn no_two_routes_share_a_path() {
+    fn no_two_routes_share_a_path_and_a_method() {
         for (i, a) in ROUTES.iter().enumerate() {
-            assert!(
-                ROUTES[i + 1..].iter().all(|b| b.path != a.path),
-                "{} is in the table twice",
-                a.path
-            );
+            for b in &ROUTES[i + 1..] {
+                assert!(
+                    b.path != a.path || b.methods.iter().all(|m| !a.methods.contains(m)),
+                    "{} {:?} is in the table twice",
+                    a.path,
+                    a.methods
+                );
+            }
         }
+    }
+
+    #[test]
+    fn errors_take_the_shape_of_the_row_that_answers_the_method() {
+        assert_eq!(error_shape("GET", "/"), ErrorShape::OpenAi);
+        assert_eq!(error_shape("POST", "/"), ErrorShape::Tei);
+        assert_eq!(error_shape("DELETE", "/"), ErrorShape::OpenAi);
+        assert_eq!(error_shape("GET", "/api/tags?x=1"), ErrorShape::Ollama);
+        assert_eq!(error_shape("POST", "/v2/embed"), ErrorShape::Cohere);
+        assert_eq!(error_shape("POST", "/nowhere"), ErrorShape::OpenAi);
     }
 
     #[test]
@@ -444,9 +483,15 @@ mod tests {
             path: "/v1/embeddings",
             content_type: None,
             body: b"",
+            probe: false,
         };
         let mut counted = 0;
-        let outgoing = contain_panics(&request, || counted += 1, || panic!("boom"));
+        let outgoing = contain_panics(
+            &request,
+            ErrorShape::OpenAi,
+            || counted += 1,
+            || panic!("boom"),
+        );
         assert_eq!((outgoing.status, counted), (500, 1));
         assert!(
             !outgoing.body.contains("boom"),

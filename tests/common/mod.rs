@@ -52,6 +52,13 @@ impl Server {
         for (k, v) in env {
             command.env(k, v);
         }
+        Server::from_command(command)
+    }
+
+    /// Runs `command`, which must start the server with `--port 0` (e.g. through a shell that first moves
+    /// itself into a cgroup), and waits until it listens.
+    pub fn from_command(mut command: Command) -> Server {
+        command.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = command.spawn().expect("cannot start the server binary");
         let stdout = child.stdout.take().unwrap();
         let stderr = child.stderr.take().unwrap();
@@ -94,6 +101,11 @@ impl Server {
             port,
             stderr: log,
         }
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Sends `signal` (e.g. "TERM") to the server process.
@@ -174,7 +186,7 @@ pub struct Response {
 }
 
 impl Response {
-    fn parse(raw: &[u8]) -> Response {
+    pub fn parse(raw: &[u8]) -> Response {
         let split = raw
             .windows(4)
             .position(|w| w == b"\r\n\r\n")
@@ -263,4 +275,152 @@ pub fn floats(value: &serde_json::Value) -> Vec<f32> {
         .iter()
         .map(|v| v.as_f64().unwrap() as f32)
         .collect()
+}
+
+/// The nomic-tiny fixture in ../shared/reference (a tiny random NomicBERT with nomic's own outputs).
+pub fn nomic_fixture_dir() -> PathBuf {
+    let dir = shared_dir().join("reference").join("nomic-tiny");
+    assert!(
+        dir.join("expected.json").is_file(),
+        "the nomic-tiny fixture is missing: expected {}",
+        dir.display()
+    );
+    dir
+}
+
+/// A temporary `--model-dir` holding nomic-embed-text-v1 and v1.5 as symlinks to the nomic-tiny fixture's
+/// files; removed on drop.
+pub struct NomicModelDir(pub PathBuf);
+
+impl NomicModelDir {
+    pub fn new() -> NomicModelDir {
+        static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let root = std::env::temp_dir().join(format!(
+            "embedding-server-nomic-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let fixture = nomic_fixture_dir();
+        for name in ["nomic-embed-text-v1", "nomic-embed-text-v1.5"] {
+            let dir = root.join(name);
+            std::fs::create_dir_all(&dir).unwrap();
+            for file in ["config.json", "tokenizer.json", "model.safetensors"] {
+                std::os::unix::fs::symlink(fixture.join(file), dir.join(file)).unwrap();
+            }
+        }
+        NomicModelDir(root)
+    }
+
+    pub fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for NomicModelDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A Python that can import every module of `modules`: `$EMBEDDING_SERVER_TEST_PYTHON` if it can, else
+/// `target/<venv>/bin/python`, created with `python3 -m venv` and filled by pip with `packages` on first
+/// use. `Err` says why there is none.
+pub fn python_with(venv: &str, modules: &[&str], packages: &[&str]) -> Result<PathBuf, String> {
+    let imports = format!("import {}", modules.join(", "));
+    let can_import = |python: &PathBuf| {
+        Command::new(python)
+            .args(["-c", &imports])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if let Some(python) = std::env::var_os("EMBEDDING_SERVER_TEST_PYTHON").map(PathBuf::from) {
+        if can_import(&python) {
+            return Ok(python);
+        }
+    }
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("target")
+        .join(venv);
+    let python = venv.join("bin").join("python");
+    if can_import(&python) {
+        return Ok(python);
+    }
+    let run = |command: &mut Command, what: &str| match command.output() {
+        Ok(out) if out.status.success() => Ok(()),
+        Ok(out) => Err(format!(
+            "{what} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+        Err(e) => Err(format!("{what} could not run: {e}")),
+    };
+    run(
+        Command::new("python3").arg("-m").arg("venv").arg(&venv),
+        "python3 -m venv",
+    )?;
+    run(
+        Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(packages),
+        &format!("pip install {}", packages.join(" ")),
+    )?;
+    Ok(python)
+}
+
+/// A scratch copy of a model directory, with some files changed: `root()/m` is the model, so that
+/// `--model-dir root()` with `--model m` serves it. Removed on drop.
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    pub fn new(from: &std::path::Path, edit: impl FnOnce(&std::path::Path)) -> Scratch {
+        let root = std::env::temp_dir().join(format!(
+            "embedding-server-scratch-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let model = root.join("m");
+        copy_dir(from, &model);
+        edit(&model);
+        Scratch(root)
+    }
+
+    /// The directory to give as `--model-dir`; the model is its `m`.
+    pub fn root(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// Rewrites the JSON file at `path` through `edit`.
+pub fn edit_json(path: &std::path::Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut value: serde_json::Value = serde_json::from_str(&text).unwrap();
+    edit(&mut value);
+    std::fs::write(path, value.to_string()).unwrap();
 }

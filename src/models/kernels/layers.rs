@@ -54,6 +54,20 @@ impl Linear {
         }
     }
 
+    /// `input · Wᵀ + b` for `rows` rows, on the calling thread: for small heads on top of the layers (a
+    /// cross-encoder's pooler and classifier), not for the layers themselves.
+    pub fn forward(&self, input: &[f32], rows: usize) -> Vec<f32> {
+        let (inputs, outputs) = (self.weight.inputs(), self.weight.outputs());
+        let mut out = vec![0f32; rows * outputs];
+        let mut scratch = gemm::Scratch::default();
+        let a = self
+            .weight
+            .prepare(input, rows, inputs, 0..inputs, &mut scratch);
+        self.weight
+            .product(&a, 0..outputs, &mut out, outputs, 0, self.epilogue());
+        out
+    }
+
     fn epilogue(&self) -> Epilogue<'_> {
         match &self.bias {
             Some(bias) => Epilogue::Bias(bias),
