@@ -31,6 +31,7 @@ echo "== in-process baselines ($precision)"
 in_p50="$(sed -n 's/^in-process .* single input p50 ms: //p' "$work/baseline.txt")"
 in_rate="$(sed -n 's/^in-process .* batch 32 inputs\/s: //p' "$work/baseline.txt")"
 
+: >"$log"  # exists before the server's shell opens it, so that the first read below cannot fail
 "$binary" --port 0 --model all-MiniLM-L6-v2 --precision "$precision" >"$log" 2>/dev/null &
 server=$!
 url=""

@@ -121,15 +121,17 @@ pub enum Dense {
 
 impl Precision {
     /// The arithmetic of dense layer `which` in a model loaded in this precision. int8 keeps the
-    /// query/key/value projection in bf16: its input is a layer norm's output with outlier channels and
+    /// query/key/value projection in f32: its input is a layer norm's output with outlier channels and
     /// its output becomes attention logits, where an error is exponentiated. Measured on the 78 reference
     /// cases of all-MiniLM-L6-v2 (worst-case cosine to f32, groups of 32 for weights and activations):
     /// every layer int8 0.99809; the qkv projection in bf16 0.99914; the attention output instead 0.99825;
-    /// the MLP output instead 0.99846. The first leaves no margin above the 0.998 floor; the second does,
-    /// for a quarter of the FLOPs at bf16's speed.
+    /// the MLP output instead 0.99846. Only keeping qkv wider leaves a margin above the 0.998 floor. It
+    /// is f32 rather than bf16 because `vdpbf16ps` runs at about a fifth of the FMA rate on some Xeons
+    /// (bf16 products there are 0.6× f32's), which made that quarter of the FLOPs the int8 model's
+    /// slowest part; f32 is exact there and needs no AVX512_BF16 on a CPU that has VNNI.
     pub fn of(self, which: Dense) -> Precision {
         match (self, which) {
-            (Precision::Int8, Dense::Qkv) => Precision::Bf16,
+            (Precision::Int8, Dense::Qkv) => Precision::F32,
             (precision, _) => precision,
         }
     }
