@@ -44,6 +44,8 @@ fn bert_tiny_cls_is_exact_through_model_dir_with_and_without_its_prompt() {
     let checked = check_library(&dir, "bert-tiny-cls", None);
     assert!(checked >= 34, "checked {checked}");
     let model = load(&dir, "bert-tiny-cls", None);
+    // Read from its own files: its catalog entry (fixture-models) is a compiled-in copy, not a recipe.
+    assert!(model.spec.files.is_empty(), "{:?}", model.spec.files);
     assert_eq!(model.spec.pooling, Pooling::Cls);
     assert!(model.spec.normalize);
     assert_eq!(model.spec.default_prompt_name, None);
