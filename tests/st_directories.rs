@@ -8,8 +8,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{edit_json, floats, max_abs_diff, Scratch, Server};
-use embedding_server::models::{directory, Input, Model, Pooling, Source, TruncationDirection};
+use common::expected::{check_embedding_model, check_embeddings_http, expected, within};
+use common::{edit_json, floats, Scratch, Server};
+use embedding_server::models::{directory, Model, Pooling, Source};
 use serde_json::{json, Value};
 
 fn fixtures_dir() -> PathBuf {
@@ -20,13 +21,6 @@ fn shared_reference() -> PathBuf {
     common::shared_dir().join("reference")
 }
 
-fn expected(dir: &Path, name: &str) -> Value {
-    let path = dir.join(name).join("expected.json");
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-    serde_json::from_str(&text).expect("expected.json is not JSON")
-}
-
 fn load(dir: &Path, name: &str, pooling: Option<Pooling>) -> Model {
     let spec = directory::spec(dir, name, pooling)
         .unwrap_or_else(|e| panic!("cannot read the directory {name}: {e}"));
@@ -34,135 +28,14 @@ fn load(dir: &Path, name: &str, pooling: Option<Pooling>) -> Model {
         .unwrap_or_else(|e| panic!("cannot load {name}: {e}"))
 }
 
-fn ids(value: &Value) -> Vec<u32> {
-    value
-        .as_array()
-        .expect("input_ids")
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect()
-}
-
-/// The prompts of a case: (prompt name, its input_ids if recorded, its embedding).
-fn prompted(case: &Value) -> Vec<(String, Option<Vec<u32>>, Vec<f32>)> {
-    let Some(prompted) = case["prompted"].as_object() else {
-        return Vec::new();
-    };
-    prompted
-        .iter()
-        .map(|(name, v)| match v {
-            Value::Array(_) => (name.clone(), None, floats(v)),
-            _ => (
-                name.clone(),
-                Some(ids(&v["input_ids"])),
-                floats(&v["embedding"]),
-            ),
-        })
-        .collect()
-}
-
-fn within(got: &[f32], want: &[f32], tolerance: f64, what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: dims");
-    let d = max_abs_diff(got, want);
-    assert!(d <= tolerance, "{what}: max |Δ| {d} > {tolerance}");
-}
-
-/// Every case through the library: ids exact, the plain vector (the default prompt applied, as
-/// sentence-transformers' encode does) one at a time and in one batch, and every named prompt.
+/// Every case through the library, read from `DIR/<name>`. Returns the vectors checked.
 fn check_library(dir: &Path, name: &str, pooling: Option<Pooling>) -> usize {
-    let expected = expected(dir, name);
-    let tolerance = expected["tolerance"].as_f64().unwrap();
-    let model = load(dir, name, pooling);
-    assert_eq!(
-        model.max_tokens() as u64,
-        expected["max_seq_length"].as_u64().unwrap(),
-        "{name}"
-    );
-    assert_eq!(
-        model.dims() as u64,
-        expected["dims"].as_u64().unwrap(),
-        "{name}"
-    );
-    let cases = expected["cases"].as_array().unwrap();
-    let default = model.spec.default_prompt().to_string();
-    let texts: Vec<Input> = cases
-        .iter()
-        .map(|c| Input::Text(c["text"].as_str().unwrap().into()))
-        .collect();
-    let batched = model.embed(&texts).unwrap();
-    let mut checked = 0;
-    for (case, (input, in_batch)) in cases.iter().zip(texts.iter().zip(&batched)) {
-        let what = format!("{name} case {}", case["id"]);
-        let tokens = model
-            .tokenize(input, &default, TruncationDirection::Right)
-            .unwrap();
-        assert_eq!(tokens.ids, ids(&case["input_ids"]), "{what}: input_ids");
-        let want = floats(&case["embedding"]);
-        within(
-            &model.embed(std::slice::from_ref(input)).unwrap()[0],
-            &want,
-            tolerance,
-            &what,
-        );
-        within(in_batch, &want, tolerance, &format!("{what} in a batch"));
-        for (prompt, prompt_ids, want) in prompted(case) {
-            let prefix = model
-                .spec
-                .prompt(&prompt)
-                .expect("the prompt is read")
-                .to_string();
-            let tokens = model
-                .tokenize(input, &prefix, TruncationDirection::Right)
-                .unwrap();
-            if let Some(prompt_ids) = prompt_ids {
-                assert_eq!(tokens.ids, prompt_ids, "{what} prompt {prompt}: input_ids");
-            }
-            let pooled = model.encode(&[&tokens.ids]).unwrap().remove(0);
-            let got = model.finish(pooled, model.dims());
-            within(&got, &want, tolerance, &format!("{what} prompt {prompt}"));
-            checked += 1;
-        }
-        checked += 1;
-    }
-    checked
+    check_embedding_model(&load(dir, name, pooling), &expected(dir, name), name)
 }
 
-/// Every case over HTTP in one request, without a prompt and with each `prompt_name`.
+/// Every case over HTTP, from `DIR/<name>/expected.json`.
 fn check_http(server: &Server, dir: &Path, name: &str) {
-    let expected = expected(dir, name);
-    let tolerance = expected["tolerance"].as_f64().unwrap();
-    let cases = expected["cases"].as_array().unwrap();
-    let texts: Vec<&str> = cases.iter().map(|c| c["text"].as_str().unwrap()).collect();
-    let mut requests = vec![(json!({"model": name, "input": texts}), None)];
-    for (prompt, _, _) in prompted(&cases[0]) {
-        requests.push((
-            json!({"model": name, "input": texts, "prompt_name": prompt}),
-            Some(prompt),
-        ));
-    }
-    for (body, prompt) in requests {
-        let response = server.post("/v1/embeddings", &body);
-        assert_eq!(response.status, 200, "{name}: {}", response.text());
-        let data = response.json()["data"].as_array().unwrap().clone();
-        for (case, item) in cases.iter().zip(&data) {
-            let want = match &prompt {
-                None => floats(&case["embedding"]),
-                Some(p) => {
-                    prompted(case)
-                        .into_iter()
-                        .find(|(n, _, _)| n == p)
-                        .unwrap()
-                        .2
-                }
-            };
-            within(
-                &floats(&item["embedding"]),
-                &want,
-                tolerance,
-                &format!("{name} over HTTP, case {}, prompt {prompt:?}", case["id"]),
-            );
-        }
-    }
+    check_embeddings_http(server, &expected(dir, name), name);
 }
 
 #[test]
@@ -171,6 +44,8 @@ fn bert_tiny_cls_is_exact_through_model_dir_with_and_without_its_prompt() {
     let checked = check_library(&dir, "bert-tiny-cls", None);
     assert!(checked >= 34, "checked {checked}");
     let model = load(&dir, "bert-tiny-cls", None);
+    // Read from its own files: its catalog entry (fixture-models) is a compiled-in copy, not a recipe.
+    assert!(model.spec.files.is_empty(), "{:?}", model.spec.files);
     assert_eq!(model.spec.pooling, Pooling::Cls);
     assert!(model.spec.normalize);
     assert_eq!(model.spec.default_prompt_name, None);

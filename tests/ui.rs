@@ -1,8 +1,8 @@
 //! The page at `/`: served small, without a key, under a Content-Security-Policy that allows exactly its
 //! inline code; `--no-ui` removes it; `/v1/info` gives the version and uptime it shows. And the page in a
 //! real browser (headless Chromium driven by Selenium, `tests/ui_browser.py`): it lists the models, shows
-//! the cosine `/v1/embeddings` gives, works with an API key, requests nothing from another origin and
-//! breaks no rule of its policy.
+//! the cosine `/v1/embeddings` gives and the ranking `/v1/rerank` gives (the shared rerank-tiny), works with
+//! an API key, requests nothing from another origin and breaks no rule of its policy.
 
 mod common;
 
@@ -169,7 +169,17 @@ fn the_page_works_in_a_real_browser() {
         Ok(python) => python,
         Err(reason) => return skipped(&reason),
     };
-    let open = Server::start(&[]);
+    // The real reranker rerank-tiny beside the embedded model, so that the page's Rerank section is checked
+    // against /v1/rerank itself (the stand-in in ui_browser.py covers the shapes no model here gives).
+    let reference = common::shared_dir().join("reference");
+    let open = Server::start(&[
+        "--model-dir",
+        reference.to_str().unwrap(),
+        "--model",
+        "all-MiniLM-L6-v2",
+        "--model",
+        "rerank-tiny",
+    ]);
     // --no-truncate: an over-long text gets a 400, so the page's error display is seen too.
     let keyed = Server::start(&["--api-key", KEY, "--no-truncate"]);
     let screenshot =

@@ -2,7 +2,7 @@
 """The page at / in a real browser: headless Chromium driven by Selenium, run by tests/ui.rs.
 
 Usage: ui_browser.py OPEN_URL KEYED_URL KEY SCREENSHOT
-  OPEN_URL   a server without API keys
+  OPEN_URL   a server without API keys, serving an embedding model first and a reranker
   KEYED_URL  a server with --api-key KEY and --no-truncate
 Exit 0 when every check passed, 1 when one failed, 77 when the browser cannot start here (the reason is
 printed after "SKIPPED: ").
@@ -156,7 +156,7 @@ def show_tokens(browser, text):
     assert not errors, errors[0].text
 
 
-def check_sections(browser, base, key=None):
+def check_sections(browser, base, key=None, require_rerank=False):
     """Tokens and Rerank appear exactly when the server has them; where they do, they show the server's answer."""
     paths = api(base, "/openapi.json", key=key)["paths"]
     cards_json = [api(base, f"/v1/models/{m}", key=key) for m in api(base, "/v1/models", key=key)["data"]]
@@ -178,13 +178,41 @@ def check_sections(browser, base, key=None):
     rerankers = [c for c in cards_json if c.get("task") == "rerank"]
     rerank_shown = browser.find_element(By.ID, "rerank").is_displayed()
     assert rerank_shown == ("/v1/rerank" in paths and bool(rerankers)), f"Rerank shown: {rerank_shown}"
+    if require_rerank:
+        assert rerankers and rerank_shown, f"this server must serve a reranker: {cards_json}"
     if rerank_shown:
-        browser.find_element(By.ID, "rr-run").click()
-        wait(browser, "the ranking", lambda: browser.find_elements(By.CSS_SELECTOR, "#rr-out li, #rr-out .error"))
-        assert not browser.find_elements(By.CSS_SELECTOR, "#rr-out .error"), browser.find_element(By.ID, "rr-out").text
-        print("  rerank: ranked")
+        check_rerank(browser, base, rerankers[-1]["id"], key)
     links = [a.get_attribute("pathname") for a in browser.find_elements(By.CSS_SELECTOR, "#link-list a")]
     assert links == ["/openapi.json", "/metrics", "/health"], links
+
+
+def check_rerank(browser, base, model, key=None):
+    """Fills the Rerank section with a query and three documents: the page shows /v1/rerank's scores, to 4
+    decimals, in /v1/rerank's order."""
+    query = "How do I keep my laptop battery healthy?"
+    documents = ["The Eiffel Tower is in Paris.",
+                 "Lithium-ion cells wear faster when hot; keep the laptop cool.",
+                 "Avoid keeping the battery at 100% charge for long periods."]
+    browser.find_element(By.CSS_SELECTOR, f'#rr-model option[value="{model}"]').click()
+    field = browser.find_element(By.ID, "rr-query")
+    field.clear()
+    field.send_keys(query)
+    area = browser.find_element(By.ID, "rr-docs")
+    area.clear()
+    area.send_keys("\n".join(documents))
+    browser.execute_script("document.getElementById('rr-out').replaceChildren()")
+    browser.find_element(By.ID, "rr-run").click()
+    wait(browser, "the ranking", lambda: browser.find_elements(By.CSS_SELECTOR, "#rr-out li, #rr-out .error"))
+    assert not browser.find_elements(By.CSS_SELECTOR, "#rr-out .error"), browser.find_element(By.ID, "rr-out").text
+    shown = [(li.find_element(By.CSS_SELECTOR, ".score").text, li.text) for li in
+             browser.find_elements(By.CSS_SELECTOR, "#rr-out li")]
+    results = api(base, "/v1/rerank", {"model": model, "query": query, "documents": documents}, key)["results"]
+    expected = [(f"{r['relevance_score']:.4f}", documents[r["index"]]) for r in results]
+    assert len(shown) == len(documents) == len(expected), f"the page ranks {shown}; /v1/rerank gives {expected}"
+    for (score, line), (want_score, want_document) in zip(shown, expected):
+        assert score == want_score and line.endswith(want_document), \
+            f"the page ranks {shown}; /v1/rerank gives {expected}"
+    print(f"  rerank with {model}: {', '.join(s for s, _ in shown)} as /v1/rerank ranks and scores them")
 
 
 def check_origin_and_policy(browser, base):
@@ -375,7 +403,7 @@ def main():
         print(f"{browser.capabilities.get('browserVersion', '?')} on {open_url}")
         browser.get(open_url + "/")
         check_models_and_cosine(browser, open_url)
-        check_sections(browser, open_url)
+        check_sections(browser, open_url, require_rerank=True)
 
         # The screenshot for the README: four texts compared.
         set_texts(browser, ["A cat is sleeping on the sofa.", "A kitten naps on the couch.",

@@ -22,7 +22,7 @@ pub struct ModelFile {
 pub struct ModelSpec {
     pub name: String,
     pub architecture: Architecture,
-    /// `repo@revision` on the model hub, for the models of the manifest.
+    /// `repo@revision` on the model hub, for the models of the manifest that are published there.
     pub hub: Option<(String, String)>,
     /// The width of the full embedding.
     pub dims: usize,
@@ -68,7 +68,7 @@ impl ModelSpec {
         ModelSpec {
             embedded: super::embedded::has(&entry.name),
             architecture: entry.architecture,
-            hub: Some((entry.hub.repo, entry.hub.revision)),
+            hub: entry.hub.map(|hub| (hub.repo, hub.revision)),
             dims: entry.dims,
             matryoshka_dims: entry.matryoshka_dims,
             max_tokens: entry.max_tokens,
@@ -120,12 +120,14 @@ impl ModelSpec {
             .unwrap_or("")
     }
 
-    /// `repo@revision`, or "" for a model that is not in the manifest.
+    /// `repo@revision`; for a model without a hub copy, what pins its files instead (a manifest entry
+    /// with no public source), or "" (a directory read at run time).
     pub fn revision(&self) -> String {
-        self.hub
-            .as_ref()
-            .map(|(repo, rev)| format!("{repo}@{rev}"))
-            .unwrap_or_default()
+        match &self.hub {
+            Some((repo, rev)) => format!("{repo}@{rev}"),
+            None if !self.files.is_empty() => "no public copy; files pinned by sha256".into(),
+            None => String::new(),
+        }
     }
 
     /// The pinned sha256 of `file`, or "" when it is not pinned.

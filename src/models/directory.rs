@@ -25,10 +25,13 @@ use super::catalog::{self, Architecture, ModelSpec, Pooling, ScoreActivation, Ta
 use super::config::ModelConfig;
 use super::ModelError;
 
-/// The spec of `dir/name/`: the catalog's for a catalog model, else what the directory's files say.
-/// `pooling` is the `--pooling` flag, needed only by a directory without `modules.json`.
+/// The spec of `dir/name/`: the catalog's for a published catalog model (one with a hub copy), else what
+/// the directory's files say. A catalog model with no public copy (a `local-only` test fixture) is only a
+/// compiled-in copy of such a directory: a directory of that name is read like any other, so that adding a
+/// fixture to the catalog does not change what loading its directory tests. `pooling` is the `--pooling`
+/// flag, needed only by a directory without `modules.json`.
 pub fn spec(dir: &Path, name: &str, pooling: Option<Pooling>) -> Result<ModelSpec, ModelError> {
-    if let Some(spec) = catalog::find(name) {
+    if let Some(spec) = catalog::find(name).filter(|spec| spec.hub.is_some()) {
         return Ok(spec.clone());
     }
     let files = Files(dir.join(name));

@@ -181,7 +181,10 @@ pub struct Entry {
     pub architecture: Architecture,
     /// `"default"`: every build embeds it; `"feature:X"`: builds with cargo feature X do.
     pub embedded: String,
-    pub hub: Hub,
+    /// Where the model is published; absent for a model that has no public copy (its only mirror is
+    /// `local-only`).
+    #[serde(default)]
+    pub hub: Option<Hub>,
     /// The width of the full embedding.
     pub dims: usize,
     /// The `dimensions` a request may ask for (Matryoshka models); empty: only `dims`.
@@ -244,6 +247,9 @@ pub enum Mirror {
         #[serde(default)]
         inner_zip: Option<String>,
     },
+    /// No public copy exists (e.g. the project's test fixtures): build.rs reads the files only from
+    /// `$EMBEDDING_SERVER_MODELS_DIR/<model>/`, or its cache. `hint` tells a builder where that directory is.
+    LocalOnly { hint: String },
 }
 
 impl Manifest {
@@ -327,6 +333,26 @@ impl Entry {
                 "field `embedded`: {:?} is neither \"default\" nor \"feature:NAME\"",
                 self.embedded
             ));
+        }
+        let local_only = self
+            .mirrors
+            .iter()
+            .any(|m| matches!(m, Mirror::LocalOnly { .. }));
+        if local_only && self.mirrors.len() > 1 {
+            return Err(
+                "field `mirrors`: a `local-only` model has no other source; list no other mirror"
+                    .into(),
+            );
+        }
+        if self.hub.is_none() && !local_only {
+            return Err(
+                "field `hub` is missing: name the model's repo and revision, or, for a model with no public \
+                 copy, make its only mirror `{\"kind\": \"local-only\", \"hint\": ...}`"
+                    .into(),
+            );
+        }
+        if local_only && self.hub.is_some() {
+            return Err("field `hub`: a `local-only` model has no hub copy; drop `hub` or the `local-only` mirror".into());
         }
         for file in &self.files {
             let hex = file
@@ -421,6 +447,30 @@ mod tests {
     }
 
     #[test]
+    fn a_model_without_a_public_copy_says_so_with_a_local_only_mirror() {
+        let mut e = entry();
+        e.as_object_mut().unwrap().remove("hub");
+        e["mirrors"] =
+            serde_json::json!([{"kind": "local-only", "hint": "DIR beside the project"}]);
+        let text = serde_json::json!({ "models": [e.clone()] }).to_string();
+        let entries = Manifest::parse(&text).unwrap().entries().unwrap();
+        assert!(entries[0].hub.is_none());
+        assert!(
+            matches!(&entries[0].mirrors[..], [Mirror::LocalOnly { hint }] if hint == "DIR beside the project")
+        );
+
+        let mut hubless = e.clone();
+        hubless["mirrors"] = serde_json::json!([{"kind": "hub"}]);
+        assert!(error_of(hubless).contains("field `hub` is missing"));
+        let mut both = e.clone();
+        both["hub"] = serde_json::json!({"repo": "o/m", "revision": "0123"});
+        assert!(error_of(both).contains("field `hub`"));
+        let mut no_hint = e;
+        no_hint["mirrors"] = serde_json::json!([{"kind": "local-only"}]);
+        assert!(error_of(no_hint).contains("hint"));
+    }
+
+    #[test]
     fn activations_name_their_torch_modules() {
         for activation in ScoreActivation::ALL {
             let path = activation.torch_path();
@@ -452,6 +502,12 @@ mod tests {
                 "matryoshka_dims",
             ),
             ("mirrors", serde_json::json!([{"kind": "ftp"}]), "ftp"),
+            (
+                "mirrors",
+                serde_json::json!([{"kind": "hub"}, {"kind": "local-only", "hint": "h"}]),
+                "local-only",
+            ),
+            ("hub", serde_json::json!({"repo": "o/m"}), "revision"),
         ];
         for (field, value, says) in cases {
             let mut e = entry();

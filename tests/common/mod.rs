@@ -2,6 +2,8 @@
 //! minimal HTTP client, and the shared reference data beside the project.
 #![allow(dead_code)]
 
+pub mod expected;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
