@@ -347,6 +347,17 @@ pub fn python_with(venv: &str, modules: &[&str], packages: &[&str]) -> Result<Pa
     if can_import(&python) {
         return Ok(python);
     }
+    // Tests of one binary run in parallel, and two pips installing into one venv at once break each other
+    // (a half-written dist-info): one installs while the others wait on this lock, then find it done.
+    let lock_path = venv.with_extension("lock");
+    let _ = std::fs::create_dir_all(lock_path.parent().unwrap());
+    let lock = std::fs::File::create(&lock_path)
+        .map_err(|e| format!("cannot create {}: {e}", lock_path.display()))?;
+    lock.lock()
+        .map_err(|e| format!("cannot lock {}: {e}", lock_path.display()))?;
+    if can_import(&python) {
+        return Ok(python);
+    }
     let run = |command: &mut Command, what: &str| match command.output() {
         Ok(out) if out.status.success() => Ok(()),
         Ok(out) => Err(format!(
