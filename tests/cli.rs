@@ -181,6 +181,12 @@ fn help_version_and_models_describe_the_binary() {
         ok && models.contains("all-MiniLM-L6-v2") && models.contains("53aa5117"),
         "{models}"
     );
+    // The test fixtures in the catalog have no public copy: only a build that embeds them lists them.
+    assert_eq!(
+        models.contains("bert-tiny-cls"),
+        cfg!(feature = "fixture-models"),
+        "{models}"
+    );
     let (ok, _, stderr) = run(&["--bogus"]);
     assert!(!ok && stderr.contains("--bogus"), "{stderr}");
 }
