@@ -19,8 +19,9 @@ fn floor(precision: Precision) -> f64 {
     }
 }
 
-fn reference_ids() -> Vec<(String, Vec<u32>)> {
-    reference()["cases"]
+/// Each case's name (under `key`) and token ids, from a reference file's `cases`.
+fn case_ids(cases: &serde_json::Value, key: &str) -> Vec<(String, Vec<u32>)> {
+    cases
         .as_array()
         .expect("cases")
         .iter()
@@ -31,7 +32,7 @@ fn reference_ids() -> Vec<(String, Vec<u32>)> {
                 .iter()
                 .map(|v| v.as_u64().expect("an id") as u32)
                 .collect();
-            (case["id"].as_str().expect("id").to_string(), ids)
+            (case[key].as_str().expect("a case name").to_string(), ids)
         })
         .collect()
 }
@@ -104,7 +105,11 @@ fn compare_precisions(
 #[test]
 fn every_reference_case_keeps_its_cosine_to_f32_in_each_precision() {
     let spec = catalog::find("all-MiniLM-L6-v2").expect("in the catalog");
-    compare_precisions(spec, &Source::Embedded, &reference_ids());
+    compare_precisions(
+        spec,
+        &Source::Embedded,
+        &case_ids(&reference()["cases"], "id"),
+    );
 }
 
 #[test]
@@ -114,20 +119,7 @@ fn nomic_bert_runs_every_precision_on_the_same_kernels() {
         &std::fs::read_to_string(dir.join("expected.json")).expect("the nomic-tiny fixture"),
     )
     .expect("expected.json");
-    let cases: Vec<(String, Vec<u32>)> = expected["cases"]
-        .as_array()
-        .expect("cases")
-        .iter()
-        .map(|case| {
-            let ids = case["input_ids"]
-                .as_array()
-                .expect("input_ids")
-                .iter()
-                .map(|v| v.as_u64().expect("an id") as u32)
-                .collect();
-            (case["name"].as_str().expect("name").to_string(), ids)
-        })
-        .collect();
+    let cases = case_ids(&expected["cases"], "name");
     let root =
         std::env::temp_dir().join(format!("embedding-server-precision-{}", std::process::id()));
     let model_dir = root.join("nomic-embed-text-v1");
