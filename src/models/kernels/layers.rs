@@ -418,7 +418,6 @@ impl Stack {
     ) {
         let (hidden, d) = (self.hidden, self.head_dim());
         let width = share.heads.len() * d;
-        let me = share.team.index();
         let states = &mut s.states[..tokens * hidden];
 
         // Queries, keys and values of the member's heads, then their attention.
@@ -465,34 +464,16 @@ impl Stack {
         }
 
         // The attention output projection over the member's heads' inputs, then the sum and the norm.
-        let prepared = layer.attention_out.weight.prepare(
-            &s.context,
-            tokens,
-            width,
-            cols.clone(),
-            &mut s.prepared,
-        );
-        {
-            // SAFETY: the member's own partial buffer (at least tokens × hidden); no other member reads
-            // it until the barrier below, and all finished reading its previous contents before the
-            // barrier that ended the previous MLP step.
-            let partial =
-                unsafe { std::slice::from_raw_parts_mut(share.partials[me].0 .0, tokens * hidden) };
-            layer.attention_out.weight.product(
-                &prepared,
-                0..hidden,
-                partial,
-                hidden,
-                0,
-                Epilogue::Scale(1.0),
-            );
-        }
-        share.team.barrier();
-        reduce_norm(
-            &mut s.states[..tokens * hidden],
-            share.partials.iter().map(|p| p.0),
-            layer.attention_out.bias.as_deref(),
+        project_sum_norm(
+            share,
+            |p| p.0,
+            &layer.attention_out,
             &layer.attention_norm,
+            &s.context,
+            width,
+            cols,
+            &mut s.prepared,
+            &mut s.states[..tokens * hidden],
             tokens,
         );
 
@@ -516,35 +497,67 @@ impl Stack {
             0,
             epilogue,
         );
-        let prepared = layer.mlp_out.weight.prepare(
+        project_sum_norm(
+            share,
+            |p| p.1,
+            &layer.mlp_out,
+            &layer.mlp_norm,
             &s.inner,
-            tokens,
             inner_width,
             share.inner.clone(),
             &mut s.prepared,
-        );
-        {
-            // SAFETY: as for the attention partial, one step later.
-            let partial =
-                unsafe { std::slice::from_raw_parts_mut(share.partials[me].1 .0, tokens * hidden) };
-            layer.mlp_out.weight.product(
-                &prepared,
-                0..hidden,
-                partial,
-                hidden,
-                0,
-                Epilogue::Scale(1.0),
-            );
-        }
-        share.team.barrier();
-        reduce_norm(
             &mut s.states[..tokens * hidden],
-            share.partials.iter().map(|p| p.1),
-            layer.mlp_out.bias.as_deref(),
-            &layer.mlp_norm,
             tokens,
         );
     }
+}
+
+/// One member's part of `linear` over its columns `k` of the input (`input`, `width` wide), into its own
+/// partial buffer (`slot` of its pair); after the barrier, every member alike sets
+/// `states = LN(states + Σ partials + bias)`. The attention and MLP output steps both end this way, each
+/// with its own partials so that one step's writes never meet the previous step's reads.
+#[allow(clippy::too_many_arguments)]
+fn project_sum_norm(
+    share: &Share,
+    slot: fn(&(Shared, Shared)) -> Shared,
+    linear: &Linear,
+    norm: &LayerNorm,
+    input: &[f32],
+    width: usize,
+    k: std::ops::Range<usize>,
+    scratch: &mut gemm::Scratch,
+    states: &mut [f32],
+    tokens: usize,
+) {
+    let hidden = states.len() / tokens.max(1);
+    let prepared = linear.weight.prepare(input, tokens, width, k, scratch);
+    {
+        // SAFETY: the member's own partial buffer in `slot` (at least tokens × hidden); no other member
+        // reads it until the barrier below, and all finished reading its previous contents before the
+        // barrier that ended the step before this one.
+        let partial = unsafe {
+            std::slice::from_raw_parts_mut(
+                slot(&share.partials[share.team.index()]).0,
+                states.len(),
+            )
+        };
+        linear.weight.product(
+            &prepared,
+            0..hidden,
+            partial,
+            hidden,
+            0,
+            Epilogue::Scale(1.0),
+        );
+    }
+    share.team.barrier();
+    reduce_norm(
+        states,
+        share.partials.iter().map(slot),
+        linear.bias.as_deref(),
+        norm,
+        tokens,
+    );
 }
 
 /// `states = LN(states + Σ partials + bias)`, row by row, every member alike.
