@@ -1,5 +1,6 @@
 //! `--precision bf16|int8`: every reference case of all-MiniLM-L6-v2 (and of the nomic-tiny fixture) against
-//! the same model in f32, case by case (bf16 cosine ≥ 0.9999, int8 ≥ 0.998); the model card and /metrics
+//! the same model in f32, case by case (bf16 cosine ≥ 0.9999, int8 ≥ 0.998); the rerank-tiny cross-encoder's
+//! scores and rankings against its own in f32; the model card and /metrics
 //! name the precision; a precision this CPU cannot run, or an unknown one, stops the start with an error
 //! that says what would work. (The speed of each precision is measured by `cargo bench --bench engine`.)
 
@@ -8,7 +9,7 @@ mod common;
 use std::process::Command;
 
 use common::{cosine, reference, Server, BINARY};
-use embedding_server::models::{catalog, Model, Precision, Source};
+use embedding_server::models::{catalog, directory, Model, Precision, Source};
 
 /// The least cosine to f32 each precision must keep on every case.
 fn floor(precision: Precision) -> f64 {
@@ -130,6 +131,76 @@ fn nomic_bert_runs_every_precision_on_the_same_kernels() {
     let spec = catalog::find("nomic-embed-text-v1").expect("in the catalog");
     compare_precisions(spec, &Source::Dir(root.clone()), &cases);
     let _ = std::fs::remove_dir_all(&root);
+}
+
+/// The most a reranker's score (after its activation) may move from f32's. Loose, because rerank-tiny's
+/// random weights (initialised with a spread of 0.3) amplify rounding far more than a trained model's; what
+/// a user sees is the ranking, held to f32's below wherever f32's scores are further apart than twice this.
+const RERANK_SCORE_TOLERANCE: f32 = 0.05;
+
+#[test]
+fn a_reranker_keeps_its_scores_and_ranking_in_each_precision() {
+    let dir = common::shared_dir().join("reference");
+    let spec = directory::spec(&dir, "rerank-tiny", None).expect("the rerank-tiny directory");
+    let source = Source::Dir(dir.clone());
+    let expected: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("rerank-tiny/expected.json")).expect("expected.json"),
+    )
+    .expect("expected.json parses");
+    let cases: Vec<(String, Vec<String>)> = expected["cases"]
+        .as_array()
+        .expect("cases")
+        .iter()
+        .map(|case| {
+            let documents = case["documents"].as_array().expect("documents");
+            let documents = documents.iter().map(|d| d.as_str().expect("a document"));
+            let query = case["query"].as_str().expect("a query").to_string();
+            (query, documents.map(str::to_string).collect())
+        })
+        .collect();
+    let scores = |model: &Model| -> Vec<Vec<f32>> {
+        cases
+            .iter()
+            .map(|(query, documents)| {
+                let documents: Vec<&str> = documents.iter().map(String::as_str).collect();
+                let scored = model.rerank(query, &documents).expect("reranks");
+                scored.into_iter().map(|(score, _)| score).collect()
+            })
+            .collect()
+    };
+    let exact = scores(&Model::load(&spec, &source).expect("loads in f32"));
+    for precision in [Precision::Bf16, Precision::Int8] {
+        let Ok(model) = Model::load_in(&spec, &source, precision) else {
+            // The refusal itself is checked by the embedding tests above.
+            assert!(precision.check_cpu().is_err(), "{precision} failed to load");
+            continue;
+        };
+        let got = scores(&model);
+        let mut worst = 0.0f32;
+        for (((query, _), a), b) in cases.iter().zip(&got).zip(&exact) {
+            for i in 0..b.len() {
+                worst = worst.max((a[i] - b[i]).abs());
+                for j in 0..b.len() {
+                    if b[i] > b[j] + 2.0 * RERANK_SCORE_TOLERANCE {
+                        assert!(
+                            a[i] > a[j],
+                            "{precision}: for {query:?} document {i} ranks below {j} ({} ≤ {}), above it \
+                             in f32 ({} > {})",
+                            a[i],
+                            a[j],
+                            b[i],
+                            b[j]
+                        );
+                    }
+                }
+            }
+        }
+        println!("rerank-tiny {precision}: largest score difference to f32 {worst:.5}");
+        assert!(
+            worst <= RERANK_SCORE_TOLERANCE,
+            "rerank-tiny {precision}: a score moved {worst} from f32's (at most {RERANK_SCORE_TOLERANCE})"
+        );
+    }
 }
 
 #[test]
