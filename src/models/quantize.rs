@@ -3,7 +3,7 @@
 //! per model on a set of sentences compiled into the binary (`assets/calibration.txt`).
 //!
 //! Nothing here knows of HTTP: any API dialect (OpenAI's `encoding_format`, Cohere's `embedding_types`)
-//! picks a [`Precision`] and calls [`quantize`] on the embedding it would otherwise send as floats.
+//! picks a [`CompactFormat`] and calls [`quantize`] on the embedding it would otherwise send as floats.
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -23,9 +23,9 @@ pub fn calibration_sentences() -> impl Iterator<Item = &'static str> {
         .filter(|line| !line.trim().is_empty())
 }
 
-/// A compact number format.
+/// A compact number format (not to be confused with [`crate::models::Precision`], the engine's arithmetic).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Precision {
+pub enum CompactFormat {
     /// One value per dimension, −128..=127: the uint8 bucket minus 128.
     Int8,
     /// One value per dimension, 0..=255: the bucket of the value between the dimension's calibrated minimum
@@ -38,36 +38,36 @@ pub enum Precision {
     Ubinary,
 }
 
-impl Precision {
-    pub const ALL: [Precision; 4] = [
-        Precision::Int8,
-        Precision::Uint8,
-        Precision::Binary,
-        Precision::Ubinary,
+impl CompactFormat {
+    pub const ALL: [CompactFormat; 4] = [
+        CompactFormat::Int8,
+        CompactFormat::Uint8,
+        CompactFormat::Binary,
+        CompactFormat::Ubinary,
     ];
 
     /// The name sentence-transformers (and the APIs) use.
     pub fn name(self) -> &'static str {
         match self {
-            Precision::Int8 => "int8",
-            Precision::Uint8 => "uint8",
-            Precision::Binary => "binary",
-            Precision::Ubinary => "ubinary",
+            CompactFormat::Int8 => "int8",
+            CompactFormat::Uint8 => "uint8",
+            CompactFormat::Binary => "binary",
+            CompactFormat::Ubinary => "ubinary",
         }
     }
 
-    pub fn from_name(name: &str) -> Option<Precision> {
-        Precision::ALL.into_iter().find(|p| p.name() == name)
+    pub fn from_name(name: &str) -> Option<CompactFormat> {
+        CompactFormat::ALL.into_iter().find(|p| p.name() == name)
     }
 
     /// Whether the format needs calibrated [`Ranges`].
     pub fn needs_ranges(self) -> bool {
-        matches!(self, Precision::Int8 | Precision::Uint8)
+        matches!(self, CompactFormat::Int8 | CompactFormat::Uint8)
     }
 
     /// Whether the format packs eight dimensions into each value.
     pub fn is_packed(self) -> bool {
-        matches!(self, Precision::Binary | Precision::Ubinary)
+        matches!(self, CompactFormat::Binary | CompactFormat::Ubinary)
     }
 }
 
@@ -137,7 +137,7 @@ impl Ranges {
 /// `step = (max − min) / 255` (1 where that is 0), all in f32; for binary, the bits of `x > 0`.
 pub fn quantize(
     embedding: &[f32],
-    precision: Precision,
+    precision: CompactFormat,
     ranges: Option<&Ranges>,
 ) -> Result<Compact, QuantizeError> {
     let width = embedding.len();
@@ -152,7 +152,7 @@ pub fn quantize(
         });
         return Ok(match precision {
             // numpy: (packed − 128) wraps in uint8, then reads as int8: the top bit flipped.
-            Precision::Binary => Compact::Signed(bytes.map(|b| (b ^ 0x80) as i8).collect()),
+            CompactFormat::Binary => Compact::Signed(bytes.map(|b| (b ^ 0x80) as i8).collect()),
             _ => Compact::Unsigned(bytes.collect()),
         });
     }
@@ -172,7 +172,9 @@ pub fn quantize(
             ((x - lo) / step).floor().clamp(0.0, 255.0) as u8
         });
     Ok(match precision {
-        Precision::Int8 => Compact::Signed(buckets.map(|q| (i16::from(q) - 128) as i8).collect()),
+        CompactFormat::Int8 => {
+            Compact::Signed(buckets.map(|q| (i16::from(q) - 128) as i8).collect())
+        }
         _ => Compact::Unsigned(buckets.collect()),
     })
 }
@@ -252,27 +254,27 @@ mod tests {
         v[9] = 1e-30; // > 0 counts, 0.0 does not
         v[10] = 0.0;
         assert_eq!(
-            quantize(&v, Precision::Ubinary, None).unwrap(),
+            quantize(&v, CompactFormat::Ubinary, None).unwrap(),
             Compact::Unsigned(vec![0b1000_0001, 0b0100_0000])
         );
         // 129 − 128 = 1 and 64 − 128 = −64.
         assert_eq!(
-            quantize(&v, Precision::Binary, None).unwrap(),
+            quantize(&v, CompactFormat::Binary, None).unwrap(),
             Compact::Signed(vec![1, -64])
         );
         assert_eq!(
-            quantize(&[1.0; 8], Precision::Binary, None).unwrap(),
+            quantize(&[1.0; 8], CompactFormat::Binary, None).unwrap(),
             Compact::Signed(vec![127])
         );
         assert_eq!(
-            quantize(&[-1.0; 8], Precision::Binary, None).unwrap(),
+            quantize(&[-1.0; 8], CompactFormat::Binary, None).unwrap(),
             Compact::Signed(vec![-128])
         );
     }
 
     #[test]
     fn binary_needs_a_multiple_of_8() {
-        let error = quantize(&[1.0; 12], Precision::Ubinary, None).unwrap_err();
+        let error = quantize(&[1.0; 12], CompactFormat::Ubinary, None).unwrap_err();
         assert_eq!(error, QuantizeError::NotMultipleOf8 { width: 12 });
         assert!(error.to_string().contains("12"));
     }
@@ -286,20 +288,20 @@ mod tests {
         // Dimension 1 has steps of exactly 1; dimension 2 a zero range, so a step of 1.
         let v = [0.0f32, 17.5, 7.9];
         assert_eq!(
-            quantize(&v, Precision::Uint8, Some(&ranges)).unwrap(),
+            quantize(&v, CompactFormat::Uint8, Some(&ranges)).unwrap(),
             Compact::Unsigned(vec![127, 17, 2])
         );
         assert_eq!(
-            quantize(&v, Precision::Int8, Some(&ranges)).unwrap(),
+            quantize(&v, CompactFormat::Int8, Some(&ranges)).unwrap(),
             Compact::Signed(vec![-1, -111, -126])
         );
         let outside = [-5.0f32, 300.0, 4.0];
         assert_eq!(
-            quantize(&outside, Precision::Uint8, Some(&ranges)).unwrap(),
+            quantize(&outside, CompactFormat::Uint8, Some(&ranges)).unwrap(),
             Compact::Unsigned(vec![0, 255, 0])
         );
         assert_eq!(
-            quantize(&[2.0f32, 255.0, 5.0], Precision::Int8, Some(&ranges)).unwrap(),
+            quantize(&[2.0f32, 255.0, 5.0], CompactFormat::Int8, Some(&ranges)).unwrap(),
             Compact::Signed(vec![127, 127, -128])
         );
     }
@@ -307,8 +309,8 @@ mod tests {
     #[test]
     fn scalar_formats_refuse_missing_or_mismatched_ranges() {
         let ranges = Ranges::of(&[vec![0.0, 1.0]]);
-        assert!(quantize(&[0.5], Precision::Int8, None).is_err());
-        assert!(quantize(&[0.5], Precision::Int8, Some(&ranges)).is_err());
+        assert!(quantize(&[0.5], CompactFormat::Int8, None).is_err());
+        assert!(quantize(&[0.5], CompactFormat::Int8, Some(&ranges)).is_err());
     }
 
     #[test]

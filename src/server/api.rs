@@ -5,7 +5,7 @@
 use serde_json::{json, Map, Value};
 
 use super::errors::{excerpt, ApiError};
-use crate::models::quantize::{Calibrated, Compact, Precision};
+use crate::models::quantize::{Calibrated, Compact, CompactFormat};
 use crate::models::{Input, Model, ModelSpec, Source, Task, TruncationDirection};
 
 /// Which of the two embedding APIs a request came through.
@@ -23,7 +23,7 @@ pub enum EncodingFormat {
     /// Little-endian f32, base64-encoded, as OpenAI sends it.
     Base64,
     /// Integers, as sentence-transformers' `quantize_embeddings` gives them.
-    Compact(Precision),
+    Compact(CompactFormat),
 }
 
 /// A parsed embedding request.
@@ -124,7 +124,7 @@ pub fn parse_embed_request(body: &[u8]) -> Result<EmbedRequest, ApiError> {
         encoding_format: match optional_string(&fields, "encoding_format")?.as_deref() {
             None | Some("float") => EncodingFormat::Float,
             Some("base64") => EncodingFormat::Base64,
-            Some(other) => match Precision::from_name(other) {
+            Some(other) => match CompactFormat::from_name(other) {
                 Some(precision) => EncodingFormat::Compact(precision),
                 None => {
                     return Err(ApiError::invalid_param(
@@ -462,7 +462,7 @@ pub fn model_card(model: &Model, created: u64) -> String {
 fn encoding_formats() -> Vec<&'static str> {
     ["float", "base64"]
         .into_iter()
-        .chain(Precision::ALL.map(Precision::name))
+        .chain(CompactFormat::ALL.map(CompactFormat::name))
         .collect()
 }
 

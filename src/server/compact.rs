@@ -6,12 +6,12 @@
 use std::sync::Arc;
 
 use super::errors::ApiError;
-use crate::models::quantize::{self, Calibrated, Compact, Precision};
+use crate::models::quantize::{self, Calibrated, Compact, CompactFormat};
 use crate::models::Model;
 
 /// What converting needs: the format, and the ranges for `dims` if it is int8/uint8.
 pub struct Prepared {
-    precision: Precision,
+    precision: CompactFormat,
     calibrated: Option<Arc<Calibrated>>,
     dims: usize,
 }
@@ -20,7 +20,7 @@ pub struct Prepared {
 /// otherwise), calibrating the model's ranges on first use.
 pub fn prepare(
     model: &Model,
-    precision: Precision,
+    precision: CompactFormat,
     dims: usize,
     param: &str,
 ) -> Result<Prepared, ApiError> {

@@ -9,7 +9,7 @@ use super::compact;
 use super::errors::ApiError;
 use super::queue::QueueError;
 use super::App;
-use crate::models::quantize::{Compact, Precision};
+use crate::models::quantize::{Compact, CompactFormat};
 use crate::models::{ErrorKind, Input, Task, Tokens, TruncationDirection};
 
 /// What a dialect asks of the pipeline.
@@ -30,7 +30,7 @@ pub struct EmbedJob {
     pub normalize: bool,
     /// Compact forms wanted besides the floats (OpenAI's `encoding_format`, Cohere's `embedding_types`):
     /// checked against the width, and calibrated, before the engine spends anything.
-    pub compact: Vec<Precision>,
+    pub compact: Vec<CompactFormat>,
     /// The `api` label of the request metrics.
     pub api: &'static str,
     /// The dialect's names for its fields, so that an error points at what the client sent.

@@ -22,7 +22,7 @@ use super::super::errors::{excerpt, ApiError};
 use super::super::pipeline::{self, EmbedJob, Fields, Prompt};
 use super::super::routes::{Incoming, Outgoing};
 use super::super::App;
-use crate::models::quantize::Precision;
+use crate::models::quantize::CompactFormat;
 use crate::models::{sha256_hex, Input, TruncationDirection};
 
 /// `{"message": "…"}`, with the status as it is.
@@ -40,7 +40,7 @@ enum EmbeddingType {
     /// The float vector's little-endian bytes, base64-encoded.
     Base64,
     /// int8, uint8, binary, ubinary: the compact vectors of `encoding_format` on `/v1/embeddings`.
-    Compact(Precision),
+    Compact(CompactFormat),
 }
 
 impl EmbeddingType {
@@ -48,7 +48,7 @@ impl EmbeddingType {
         match name {
             "float" => Some(EmbeddingType::Float),
             "base64" => Some(EmbeddingType::Base64),
-            _ => Precision::from_name(name).map(EmbeddingType::Compact),
+            _ => CompactFormat::from_name(name).map(EmbeddingType::Compact),
         }
     }
 
@@ -344,7 +344,7 @@ mod tests {
             [
                 EmbeddingType::Base64,
                 EmbeddingType::Float,
-                EmbeddingType::Compact(Precision::Ubinary)
+                EmbeddingType::Compact(CompactFormat::Ubinary)
             ]
         );
         for bad in [
