@@ -196,6 +196,23 @@ pub fn whole_number(value: &Value) -> Option<u64> {
     })
 }
 
+/// Token ids in the request field `field`: each a whole number below 2^32, else a 400 naming the field.
+pub fn token_ids(items: &[Value], field: &str) -> Result<Vec<u32>, ApiError> {
+    items
+        .iter()
+        .map(|v| {
+            whole_number(v)
+                .and_then(|id| u32::try_from(id).ok())
+                .ok_or_else(|| {
+                    ApiError::invalid_param(
+                        field,
+                        "token ids must be non-negative integers below 2^32.",
+                    )
+                })
+        })
+        .collect()
+}
+
 pub fn optional_string(fields: &Map<String, Value>, key: &str) -> Result<Option<String>, ApiError> {
     match fields.get(key) {
         None | Some(Value::Null) => Ok(None),
@@ -216,21 +233,6 @@ pub fn parse_inputs(input: Option<&Value>, field: &str) -> Result<Vec<Input>, Ap
             format!("{field} must be a string, an array of strings, an array of token ids, or an array of arrays of token ids."),
         )
     };
-    let token_ids = |items: &[Value]| -> Result<Vec<u32>, ApiError> {
-        items
-            .iter()
-            .map(|v| {
-                whole_number(v)
-                    .and_then(|id| u32::try_from(id).ok())
-                    .ok_or_else(|| {
-                        ApiError::invalid_param(
-                            field,
-                            "token ids must be non-negative integers below 2^32.",
-                        )
-                    })
-            })
-            .collect()
-    };
     match input {
         None | Some(Value::Null) => Err(ApiError::invalid_param(
             field,
@@ -250,7 +252,7 @@ pub fn parse_inputs(input: Option<&Value>, field: &str) -> Result<Vec<Input>, Ap
                         .ok_or_else(shape_error)
                 })
                 .collect(),
-            Value::Number(_) => Ok(vec![Input::Ids(token_ids(items)?)]),
+            Value::Number(_) => Ok(vec![Input::Ids(token_ids(items, field)?)]),
             Value::Array(_) => items
                 .iter()
                 .map(|v| match v {
@@ -258,7 +260,7 @@ pub fn parse_inputs(input: Option<&Value>, field: &str) -> Result<Vec<Input>, Ap
                         field,
                         "a token id array must not be empty.",
                     )),
-                    Value::Array(ids) => Ok(Input::Ids(token_ids(ids)?)),
+                    Value::Array(ids) => Ok(Input::Ids(token_ids(ids, field)?)),
                     _ => Err(shape_error()),
                 })
                 .collect(),

@@ -4,7 +4,7 @@
 
 use serde_json::{json, Map, Value};
 
-use super::api::{self, whole_number};
+use super::api::{self, token_ids};
 use super::errors::ApiError;
 use super::routes::{Incoming, Outgoing};
 use super::App;
@@ -160,19 +160,7 @@ fn id_lists(value: Option<&Value>) -> Result<Vec<Vec<u32>>, ApiError> {
                 format!("ids {index} is empty; send at least one id."),
             ));
         }
-        items
-            .iter()
-            .map(|v| {
-                whole_number(v)
-                    .and_then(|id| u32::try_from(id).ok())
-                    .ok_or_else(|| {
-                        ApiError::invalid_param(
-                            "ids",
-                            "token ids must be non-negative integers below 2^32.",
-                        )
-                    })
-            })
-            .collect()
+        token_ids(items, "ids")
     };
     match value {
         None | Some(Value::Null) => Err(ApiError::invalid_param("ids", "The body lacks \"ids\".")),

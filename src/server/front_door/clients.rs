@@ -149,10 +149,7 @@ impl Door {
     }
 
     pub(super) fn client(&mut self, key: Key) -> Option<&mut Client> {
-        self.clients
-            .get_mut(key.0)
-            .and_then(Option::as_mut)
-            .filter(|c| c.generation == key.1)
+        live(&mut self.clients, key)
     }
 
     pub(super) fn client_event(&mut self, key: Key, flags: u32) {
@@ -172,12 +169,7 @@ impl Door {
         let bound = self.settings.max_buffered_bytes;
         let over_bound = self.buffered >= bound;
         let scratch = &mut self.scratch;
-        let Some(c) = self
-            .clients
-            .get_mut(key.0)
-            .and_then(Option::as_mut)
-            .filter(|c| c.generation == key.1)
-        else {
+        let Some(c) = live(&mut self.clients, key) else {
             return;
         };
         if let Stage::Lingering(_) = c.stage {
@@ -444,12 +436,7 @@ impl Door {
     }
 
     pub(super) fn update_client(&mut self, key: Key) {
-        let Some(c) = self
-            .clients
-            .get_mut(key.0)
-            .and_then(Option::as_mut)
-            .filter(|c| c.generation == key.1)
-        else {
+        let Some(c) = live(&mut self.clients, key) else {
             return;
         };
         let mut want = 0;
@@ -478,4 +465,13 @@ impl Door {
             self.update_client(key);
         }
     }
+}
+
+/// The client `key` names, if its slot still holds that connection (not a later one that reuses the slot).
+/// A free function, so that callers can borrow the door's other fields beside it.
+fn live(clients: &mut [Option<Client>], key: Key) -> Option<&mut Client> {
+    clients
+        .get_mut(key.0)
+        .and_then(Option::as_mut)
+        .filter(|c| c.generation == key.1)
 }
