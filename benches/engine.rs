@@ -31,7 +31,7 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config as BertConfig};
 use candle_transformers::models::nomic_bert;
 use embedding_server::models::kernels::gemm::{self, Epilogue, Packed};
-use embedding_server::models::kernels::{pool, Precision};
+use embedding_server::models::kernels::{bf16_on_amx, pool, Precision};
 use embedding_server::models::{catalog, Input, Model, ModelSpec, Source, TruncationDirection};
 
 const MODEL: &str = "all-MiniLM-L6-v2";
@@ -137,6 +137,14 @@ fn main() {
         "embedding-server engine benchmark: {MODEL} (embedded), {cores} threads, loaded in {:.2} s",
         started.elapsed().as_secs_f64()
     );
+    if Precision::Bf16.check_cpu().is_ok() {
+        let on = if bf16_on_amx() {
+            "AMX tiles (tdpbf16ps), as does int8's qkv projection"
+        } else {
+            "AVX512_BF16 (vdpbf16ps); int8's qkv projection in f32"
+        };
+        println!("bf16 products run on {on}");
+    }
     let mut precisions = vec![Precision::F32];
     for precision in [Precision::Bf16, Precision::Int8] {
         match precision.check_cpu() {

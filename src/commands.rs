@@ -104,8 +104,15 @@ fn load(
 ) -> Result<Model, models::ModelError> {
     let started = Instant::now();
     let model = Model::load_in(spec, source, precision)?;
+    // Reduced precisions multiply some layers in bf16 (int8 its qkv projection there); say when that runs
+    // on AMX tiles, since their speed depends on it.
+    let amx = if precision != Precision::F32 && models::kernels::bf16_on_amx() {
+        ", bf16 products on AMX"
+    } else {
+        ""
+    };
     eprintln!(
-        "loaded {} ({precision}) from {} in {:.0} ms",
+        "loaded {} ({precision}{amx}) from {} in {:.0} ms",
         spec.name,
         match source {
             Source::Embedded => "this binary".to_string(),

@@ -11,7 +11,7 @@ pub mod gemm;
 pub mod layers;
 pub mod pool;
 
-pub use gemm::Precision;
+pub use gemm::{bf16_on_amx, Precision};
 
 /// The activation of an MLP, as a model's config.json names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -11,7 +11,10 @@
 //! - **f32**: `vfmadd231ps` (AVX-512, else AVX2+FMA, else portable code), exact like PyTorch up to the
 //!   order of the sums.
 //! - **bf16**: weights rounded to bfloat16, activations rounded to bfloat16 per product, `vdpbf16ps` (two
-//!   products per lane per instruction) accumulating in f32.
+//!   products per lane per instruction) accumulating in f32. Where the CPU has AMX (Sapphire Rapids and
+//!   later) and the kernel grants it, the same packed weights feed `tdpbf16ps` instead: a strip's 16 pairs
+//!   of inputs are exactly one 16 × 64-byte B tile, so AMX needs no other layout; it multiplies 16 rows ×
+//!   32 inputs × 16 columns per instruction, where `vdpbf16ps` issues at a fraction of the FMA rate.
 //! - **int8**: weights and activations int8 *in groups of 32 inputs*, one scale per group (per output
 //!   column for the weights, per token for the activations, quantised at run time), and `vpdpbusd` sums
 //!   each group in i32 before it is scaled into an f32 accumulator. One scale per whole token is not enough:
@@ -39,7 +42,10 @@ const MR_INT8: usize = 6;
 /// The bytes of weight strips the driver keeps hot in L2 while it runs every row block over them.
 const CHUNK_BYTES: usize = 256 << 10;
 
-type Tile = [[f32; 2 * LANES]; MR];
+/// Rows of an AMX tile (and so the most rows a tile buffer holds).
+const TILE_ROWS: usize = 16;
+
+type Tile = [[f32; 2 * LANES]; TILE_ROWS];
 
 /// The arithmetic of the dense layers, chosen at load for the whole model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -126,11 +132,13 @@ impl Precision {
     /// cases of all-MiniLM-L6-v2 (worst-case cosine to f32, groups of 32 for weights and activations):
     /// every layer int8 0.99809; the qkv projection in bf16 0.99914; the attention output instead 0.99825;
     /// the MLP output instead 0.99846. Only keeping qkv wider leaves a margin above the 0.998 floor. It
-    /// is f32 rather than bf16 because `vdpbf16ps` runs at about a fifth of the FMA rate on some Xeons
-    /// (bf16 products there are 0.6× f32's), which made that quarter of the FLOPs the int8 model's
-    /// slowest part; f32 is exact there and needs no AVX512_BF16 on a CPU that has VNNI.
+    /// is bf16 where bf16 products run on AMX (several times the f32 rate), and f32 elsewhere: without
+    /// AMX, `vdpbf16ps` runs at about a fifth of the FMA rate on some Xeons (bf16 products there are 0.6×
+    /// f32's), which made that quarter of the FLOPs the int8 model's slowest part; f32 is exact and needs
+    /// no AVX512_BF16 on a CPU that has VNNI.
     pub fn of(self, which: Dense) -> Precision {
         match (self, which) {
+            (Precision::Int8, Dense::Qkv) if bf16_on_amx() => Precision::Bf16,
             (Precision::Int8, Dense::Qkv) => Precision::F32,
             (precision, _) => precision,
         }
@@ -159,6 +167,29 @@ fn cpu_has(feature: &str) -> bool {
         let _ = feature;
         false
     }
+}
+
+/// Whether bf16 products run on AMX tiles here (else on `vdpbf16ps`, where the CPU has AVX512_BF16).
+pub fn bf16_on_amx() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        Precision::Bf16.check_cpu().is_ok() && x86::amx_bf16()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether a unit test has turned AMX off on this thread, to check the `vdpbf16ps` kernel against it.
+#[cfg(test)]
+fn tests_without_amx() -> bool {
+    tests::WITHOUT_AMX.with(std::cell::Cell::get)
+}
+
+#[cfg(not(test))]
+fn tests_without_amx() -> bool {
+    false
 }
 
 /// The instruction set the f32 products run on, detected once.
@@ -391,16 +422,20 @@ impl Packed {
             },
             Data::Bf16(_) => {
                 let pairs = width.div_ceil(2);
-                let words = grown(&mut scratch.words, rows * pairs);
+                // TILE_ROWS rows of zeros after the last: an AMX tile always loads 16 rows, and the rows
+                // past the end only make products that are not stored.
+                let padded = (rows + TILE_ROWS) * pairs;
+                let words = grown(&mut scratch.words, padded);
                 for r in 0..rows {
                     let src = &a[r * lda..r * lda + width];
                     to_bf16_pairs(src, &mut words[r * pairs..(r + 1) * pairs]);
                 }
+                words[rows * pairs..].fill(0);
                 Prepared {
                     rows,
                     inputs,
                     a: Operand::Bf16 {
-                        a: &scratch.words[..rows * pairs],
+                        a: &scratch.words[..padded],
                         lda: pairs,
                     },
                 }
@@ -483,7 +518,8 @@ impl Packed {
                 #[cfg(target_arch = "x86_64")]
                 (Data::Bf16(w), Operand::Bf16 { a, lda }) => {
                     let pairs = self.k.div_ceil(2);
-                    x86::bf16_product(&job, a.as_ptr(), *lda, w.as_ptr(), pairs)
+                    let amx = x86::amx_bf16() && !tests_without_amx();
+                    x86::bf16_product(&job, a.as_ptr(), *lda, w.as_ptr(), pairs, amx)
                 }
                 #[cfg(target_arch = "x86_64")]
                 (
@@ -711,7 +747,7 @@ impl Job<'_> {
         // Output strips whose weights fill about CHUNK_BYTES, in pairs.
         let chunk = (CHUNK_BYTES / (strip_bytes * per).max(1)).max(2) & !1;
         let blocks = self.rows.div_ceil(mr_max);
-        let mut buffer: Tile = [[0f32; 2 * LANES]; MR];
+        let mut buffer: Tile = [[0f32; 2 * LANES]; TILE_ROWS];
         let mut first = strips.start;
         while first < strips.end {
             let last = (first + chunk).min(strips.end);
@@ -1051,9 +1087,10 @@ mod x86 {
     //! The bf16 and int8 micro-kernels, on AVX-512 intrinsics (checked at load by
     //! [`Precision::check_cpu`](super::Precision::check_cpu)).
 
+    use std::arch::asm;
     use std::arch::x86_64::*;
 
-    use super::{Job, Tile, LANES, MR, MR_INT8};
+    use super::{Job, Tile, LANES, MR, MR_INT8, TILE_ROWS};
 
     #[inline(always)]
     unsafe fn micro_bf16<const M: usize, const NV: usize>(
@@ -1088,6 +1125,92 @@ mod x86 {
         }
     }
 
+    /// Whether the bf16 products run on AMX: the CPU has AMX-TILE and AMX-BF16, and the kernel lets this
+    /// process use the tile registers (Linux asks each process to request them). Decided once.
+    pub(super) fn amx_bf16() -> bool {
+        static AMX: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AMX.get_or_init(|| {
+            // CPUID leaf 7, subleaf 0, EDX: bit 22 AMX-BF16, bit 24 AMX-TILE.
+            let edx = __cpuid_count(7, 0).edx;
+            if edx & (1 << 22) == 0 || edx & (1 << 24) == 0 {
+                return false;
+            }
+            const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+            const XFEATURE_XTILEDATA: libc::c_long = 18;
+            // SAFETY: arch_prctl with an integer request and argument touches no memory of ours; it fails
+            // (and AMX stays unused) where the kernel lacks AMX support or a filter forbids the call.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_arch_prctl,
+                    ARCH_REQ_XCOMP_PERM,
+                    XFEATURE_XTILEDATA,
+                ) == 0
+            }
+        })
+    }
+
+    /// The tile configuration of every AMX product: palette 1, tiles 0–7 each 16 rows × 64 bytes.
+    #[repr(C, align(64))]
+    struct TileConfig([u8; 64]);
+
+    static TILE_CONFIG: TileConfig = {
+        let mut bytes = [0u8; 64];
+        bytes[0] = 1;
+        let mut t = 0;
+        while t < 8 {
+            bytes[16 + 2 * t] = 64;
+            bytes[48 + t] = TILE_ROWS as u8;
+            t += 1;
+        }
+        TileConfig(bytes)
+    };
+
+    /// One tile of rows × one or two strips on AMX: C (tmm0, tmm1) += A (tmm2: 16 rows × 16 input pairs)
+    /// · B (tmm3, tmm4: a strip's 16 pairs × 16 columns), over the inputs 32 at a time.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn amx_tile(
+        pairs: usize,
+        a: *const u32,
+        lda: usize,
+        b: *const u32,
+        strip: usize,
+        nv: usize,
+        tile: &mut Tile,
+    ) {
+        let (a_stride, b_stride) = (lda * 4, LANES * 4);
+        asm!("tilezero tmm0", "tilezero tmm1", options(nostack));
+        for p in (0..pairs).step_by(TILE_ROWS) {
+            asm!(
+                "tileloadd tmm2, [{a} + {sa} * 1]",
+                "tileloadd tmm3, [{b} + {sb} * 1]",
+                "tdpbf16ps tmm0, tmm2, tmm3",
+                a = in(reg) a.add(p),
+                sa = in(reg) a_stride,
+                b = in(reg) b.add(p * LANES),
+                sb = in(reg) b_stride,
+                options(nostack, readonly),
+            );
+            if nv == 2 {
+                asm!(
+                    "tileloadd tmm4, [{b} + {sb} * 1]",
+                    "tdpbf16ps tmm1, tmm2, tmm4",
+                    b = in(reg) b.add(strip + p * LANES),
+                    sb = in(reg) b_stride,
+                    options(nostack, readonly),
+                );
+            }
+        }
+        let row = 2 * LANES * 4;
+        asm!(
+            "tilestored [{c} + {sc} * 1], tmm0",
+            "tilestored [{d} + {sc} * 1], tmm1",
+            c = in(reg) tile.as_mut_ptr().cast::<f32>(),
+            d = in(reg) tile.as_mut_ptr().cast::<f32>().add(LANES),
+            sc = in(reg) row,
+            options(nostack),
+        );
+    }
+
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub(super) unsafe fn bf16_product(
         job: &Job,
@@ -1095,11 +1218,30 @@ mod x86 {
         lda: usize,
         w: *const u32,
         pairs_total: usize,
+        amx: bool,
     ) {
         // Inputs are bf16 pairs: the range starts on an even input (checked in `prepare`).
         let pairs = job.inputs.len().div_ceil(2);
         let w = w.add(job.inputs.start / 2 * LANES);
         let strip = pairs_total * LANES;
+        if amx && pairs.is_multiple_of(TILE_ROWS) {
+            // The configuration is per thread: set it for this product, and release the tiles after so
+            // that a context switch does not save 8 KiB of tile data for an idle thread.
+            asm!("ldtilecfg [{}]", in(reg) TILE_CONFIG.0.as_ptr(), options(nostack, readonly));
+            job.drive(TILE_ROWS, pairs * LANES * 4, |r0, _, s, nv, tile| {
+                amx_tile(
+                    pairs,
+                    a.add(r0 * lda),
+                    lda,
+                    w.add(s * strip),
+                    strip,
+                    nv,
+                    tile,
+                )
+            });
+            asm!("tilerelease", options(nostack, nomem));
+            return;
+        }
         job.drive(MR, pairs * LANES * 4, |r0, mr, s, nv, tile| {
             bf16_tile(
                 pairs,
@@ -1356,6 +1498,55 @@ mod tests {
                 let (v, g) = (v[r * inner + j], g[r * inner + j]);
                 let want = v * g / (1.0 + (-g).exp());
                 assert!((f64::from(got[r * 32 + c]) - want).abs() < 1e-4);
+            }
+        }
+    }
+
+    thread_local! {
+        pub(super) static WITHOUT_AMX: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// Where the CPU has AMX, the AMX and `vdpbf16ps` kernels give the same bf16 products (on a CPU
+    /// without AMX only the latter exists, and the precision tests cover it).
+    #[test]
+    fn bf16_on_amx_agrees_with_vdpbf16ps() {
+        if !bf16_on_amx() {
+            return;
+        }
+        // Row counts below, at and past a tile's 16 (the padded rows), one and two strips per tile, a column
+        // range cut inside a strip, and the SwiGLU pairing.
+        for (rows, k, n) in [
+            (1, 32, 16),
+            (5, 64, 40),
+            (16, 96, 48),
+            (17, 384, 64),
+            (33, 64, 32),
+        ] {
+            let w = random(n * k, 11);
+            let x = random(rows * k, 12);
+            let packed = Packed::new(&w, k, n, Precision::Bf16);
+            let gate = random(n * k, 13);
+            let swiglu = Packed::swiglu(&w, &gate, k, n, Precision::Bf16);
+            let products = || {
+                (
+                    run(&packed, &x, rows, 0..n, Epilogue::Scale(1.0)),
+                    run(&packed, &x, rows, 3..n - 5, Epilogue::Scale(1.0)),
+                    run(&swiglu, &x, rows, 0..n, Epilogue::SwiGlu),
+                )
+            };
+            let amx = products();
+            WITHOUT_AMX.with(|off| off.set(true));
+            let plain = products();
+            WITHOUT_AMX.with(|off| off.set(false));
+            for (a, p) in [(&amx.0, &plain.0), (&amx.1, &plain.1), (&amx.2, &plain.2)] {
+                let scale = p.iter().fold(1e-3f32, |m, x| m.max(x.abs()));
+                for (a, p) in a.iter().zip(p) {
+                    // The same bf16 products, summed in another order.
+                    assert!(
+                        (a - p).abs() <= 1e-5 * scale * k as f32,
+                        "{rows}×{k}→{n}: {a} vs {p}"
+                    );
+                }
             }
         }
     }
