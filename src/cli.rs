@@ -76,7 +76,7 @@ pub const FLAGS: &[Flag] = &[
     flag("model-dir", "DIR", "", "also serve the models in DIR/<model>/: sentence-transformers or transformers directories of BERT-family models, or what export-models writes"),
     flag("pooling", "MODE", "", "how a --model-dir model without modules.json (a plain transformers directory) pools: cls, mean, max or mean_sqrt_len_tokens"),
     flag("engine-threads", "N", "auto", "threads the engine computes on, spawned once at start (auto: the CPUs this process may use, from its affinity and cgroup quota); fewer are used if the system refuses some"),
-    flag("precision", "P", "f32", "arithmetic of every model's dense layers: f32 (exact), bf16 (AVX512_BF16; cosine to f32 >= 0.9999) or int8 (AVX512_VNNI; cosine >= 0.998); whether they are faster depends on the CPU (README: Precision); start fails if the CPU lacks the instructions"),
+    flag("precision", "P", "f32", "arithmetic of every model's dense layers: f32 (exact), bf16 (AVX512_BF16, on AMX tiles where present; cosine to f32 >= 0.9999) or int8 (AVX512_VNNI; cosine >= 0.998); whether they are faster depends on the CPU (README: Precision); start fails if the CPU lacks the instructions"),
     flag("max-body-bytes", "BYTES", "2097152", "largest request body; larger gets 413"),
     flag("max-inputs", "N", "2048", "most inputs in one request; more gets 400"),
     flag("max-documents", "N", "1000", "most documents in one rerank request (/v1/rerank, /rerank); more gets 400"),
