@@ -29,6 +29,7 @@
 
 use std::ops::Range;
 
+use super::pool::share;
 use super::{exp, Activation};
 
 /// Output columns per strip: one AVX-512 register of f32.
@@ -753,8 +754,8 @@ impl Job<'_> {
             let last = (first + chunk).min(strips.end);
             for block in 0..blocks {
                 // Row blocks as even as possible (32 rows: 11 + 11 + 10, not 12 + 12 + 8).
-                let r0 = block * self.rows / blocks;
-                let mr = (block + 1) * self.rows / blocks - r0;
+                let rows = share(self.rows, 1, block, blocks);
+                let (r0, mr) = (rows.start, rows.len());
                 let mut s = first;
                 while s < last {
                     let nv = (last - s).min(2);
@@ -1012,8 +1013,8 @@ unsafe fn tile_avx2(
 ) {
     let parts = mr.div_ceil(MR_AVX2);
     for part in 0..parts {
-        let r0 = part * mr / parts;
-        let m = (part + 1) * mr / parts - r0;
+        let rows = share(mr, 1, part, parts);
+        let (r0, m) = (rows.start, rows.len());
         let (a, rows) = (a.add(r0 * lda), &mut tile[r0..]);
         for v in 0..nv {
             let b = Strips {
