@@ -546,19 +546,20 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// `--http-baseline P`: the in-process figures `benches/http.sh` sets its HTTP figures against: single
-/// inputs one at a time in corpus order (what load.py sends at concurrency 1), and batches of 32.
+/// inputs one at a time in corpus order, every line once per pass (what load.py sends at concurrency 1
+/// with `--max-requests` set to the corpus' length, from whatever line its warm-up stopped at), whole
+/// passes for at least 5 s; and batches of 32.
 fn http_baseline(model: &Model, precision: Precision, corpus: &Corpus) {
     for ids in corpus.ids.iter().take(50) {
         model.encode(&[ids]).expect("engine");
     }
     let mut samples = Vec::new();
     let started = Instant::now();
-    for ids in corpus.ids.iter().cycle() {
-        let t = Instant::now();
-        model.encode(&[ids]).expect("engine");
-        samples.push(t.elapsed().as_secs_f64() * 1e3);
-        if started.elapsed() > Duration::from_secs(5) && samples.len() >= corpus.ids.len() {
-            break;
+    while samples.is_empty() || started.elapsed() < Duration::from_secs(5) {
+        for ids in &corpus.ids {
+            let t = Instant::now();
+            model.encode(&[ids]).expect("engine");
+            samples.push(t.elapsed().as_secs_f64() * 1e3);
         }
     }
     samples.sort_by(f64::total_cmp);
