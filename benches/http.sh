@@ -31,13 +31,17 @@ trap '[ -n "$server" ] && kill "$server" 2>/dev/null; wait 2>/dev/null; rm -rf "
 lines="$(grep -c . "$kit/corpus.txt")"
 
 : >"$log"  # exists before the server's shell opens it, so that the first read below cannot fail
-"$binary" --port 0 --model all-MiniLM-L6-v2 --precision "$precision" >"$log" 2>/dev/null &
+"$binary" --port 0 --model all-MiniLM-L6-v2 --precision "$precision" >"$log" 2>"$work/server.err" &
 server=$!
 url=""
 for _ in $(seq 1 300); do
     url="$(sed -n 's/^listening on \(http:\/\/[^ ]*\).*/\1/p' "$log")"
     [ -n "$url" ] && break
-    kill -0 "$server" 2>/dev/null || { echo "the server exited before listening" >&2; exit 1; }
+    kill -0 "$server" 2>/dev/null || {
+        echo "the server exited before listening; it said:" >&2
+        tail -n 20 "$work/server.err" >&2
+        exit 1
+    }
     sleep 0.1
 done
 [ -n "$url" ] || { echo "the server did not start listening within 30 s" >&2; exit 1; }
