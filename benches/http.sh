@@ -27,8 +27,8 @@ log="$work/server.log"
 server=""
 trap '[ -n "$server" ] && kill "$server" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
 
-# load.py skips blank lines, as the engine bench does.
-lines="$(grep -c . "$kit/corpus.txt")"
+# load.py skips lines that are blank or only white space, as the engine bench does.
+lines="$(grep -c '[^[:space:]]' "$kit/corpus.txt")"
 
 : >"$log"  # exists before the server's shell opens it, so that the first read below cannot fail
 "$binary" --port 0 --model all-MiniLM-L6-v2 --precision "$precision" >"$log" 2>"$work/server.err" &
