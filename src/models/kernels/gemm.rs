@@ -1014,14 +1014,13 @@ unsafe fn tile_avx2(
     let parts = mr.div_ceil(MR_AVX2);
     for part in 0..parts {
         let rows = share(mr, 1, part, parts);
-        let (r0, m) = (rows.start, rows.len());
-        let (a, rows) = (a.add(r0 * lda), &mut tile[r0..]);
+        let (a, sub) = (a.add(rows.start * lda), &mut tile[rows.start..]);
         for v in 0..nv {
             let b = Strips {
                 ptr: b.ptr.add(v * b.strip),
                 ..b
             };
-            dispatch_tile!(m, 1, micro_f32(k, a, lda, b, &mut *rows, v * LANES))
+            dispatch_tile!(rows.len(), 1, micro_f32(k, a, lda, b, &mut *sub, v * LANES))
         }
     }
 }
